@@ -1,0 +1,119 @@
+/* factrace C core: configuration, weights and the batched forward pass.
+ *
+ * Notation used in every shape comment:
+ *   N   rows of a batch (all sequences' new tokens stacked)      d   d_model
+ *   L   layers     H  query heads     KV  key/value heads        dh  d_head
+ *   F   MLP width  V  vocabulary      P   key positions seen by a query (prefix + new)
+ * Activations are float32, row-major. Linear weights are (out, in) row-major like torch nn.Linear.
+ */
+#ifndef FACTRACE_H
+#define FACTRACE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum { NORM_LAYER = 0, NORM_RMS = 1 };
+enum { ACT_GELU_TANH = 0, ACT_SILU = 1, ACT_GELU_ERF = 2, ACT_RELU = 3 };
+
+/* Intervention sites: where a patch acts. */
+enum {
+    SITE_EMBED = 0,      /* token-embedding output (before learned positions are added) (N, d) */
+    SITE_ATTN_OUT = 1,   /* what the attention sub-block adds to the residual (N, d) per layer */
+    SITE_MLP_OUT = 2,    /* what the MLP sub-block adds to the residual (N, d) per layer */
+    SITE_RESID_POST = 3, /* block output = next block's input (N, d) per layer */
+    N_SITES = 4
+};
+enum { OP_SET = 0, OP_ADD = 1, OP_ZERO = 2 };
+
+typedef struct {
+    int n_layers, n_heads, n_kv_heads, d_model, d_head, d_mlp, vocab_size, n_ctx;
+    int norm;            /* NORM_LAYER (mean/var, bias) or NORM_RMS */
+    float norm_eps;
+    int act;             /* ACT_* */
+    int gated_mlp;       /* 1: down(act(gate x) * up x), 0: down(act(up x)) */
+    int learned_pos;     /* 1: W_pos[position] added after the token embedding (GPT-2) */
+    int rope;            /* 1: rotary embeddings on q and k (rotate-half convention) */
+    int qk_norm;         /* 1: per-head RMSNorm on q and k before rope (Qwen3, Gemma 3) */
+    int post_norms;      /* 1: norms on attention / MLP outputs before the residual add (Gemma 3) */
+    float embed_scale;   /* multiplies token embeddings (Gemma: sqrt(d) rounded to float32), else 1 */
+    float attn_scale;    /* multiplies q.k */
+    float attn_softcap;  /* 0 = none, else cap * tanh(score / cap) */
+    float final_softcap; /* 0 = none */
+    /* Per-layer attention flavour. rope tables: inv_freq[t] (dh/2,), cos/sin times rope_mscale[t]. */
+    const int *layer_window;    /* (L,) 0 = full causal attention, w > 0 = keys p-w+1 .. p */
+    const int *layer_rope;      /* (L,) index of the rope table used by the layer */
+    int n_rope_tables;
+    const float *rope_inv_freq; /* (n_rope_tables, dh/2) */
+    const float *rope_mscale;   /* (n_rope_tables,) attention scaling applied to cos and sin */
+} Config;
+
+typedef struct {
+    const float *ln1_w, *ln1_b;            /* (d,) norm before attention; b only for LayerNorm */
+    const float *W_Q, *b_Q;                /* (H*dh, d), (H*dh,) */
+    const float *W_K, *b_K, *W_V, *b_V;    /* (KV*dh, d), (KV*dh,) */
+    const float *q_norm_w, *k_norm_w;      /* (dh,) */
+    const float *W_O, *b_O;                /* (d, H*dh), (d,) */
+    const float *post_attn_norm_w;         /* (d,) Gemma */
+    const float *ln2_w, *ln2_b;            /* (d,) norm before the MLP */
+    const float *W_gate, *b_gate, *W_up, *b_up; /* (F, d), (F,) */
+    const float *W_down, *b_down;          /* (d, F), (d,) */
+    const float *post_mlp_norm_w;          /* (d,) Gemma */
+} LayerWeights;
+
+typedef struct {
+    const float *W_E;     /* (V, d) token embedding */
+    const float *W_pos;   /* (n_ctx, d) learned positions or NULL */
+    const float *ln_f_w, *ln_f_b; /* (d,) final norm */
+    const float *W_U;     /* (V, d) unembedding (may equal W_E) */
+    LayerWeights *layers; /* (L,) */
+} Weights;
+
+/* A batch: n_seq sequences whose new rows are stacked. Sequence s has len[s] new rows starting at
+ * absolute position start[s]; its first start[s] positions come from a prefix K/V cache. */
+typedef struct {
+    int n_seq;
+    const int *len;           /* (S,) */
+    const int *start;         /* (S,) 0 when there is no prefix */
+    const float *const *pk;   /* (S,) prefix keys of layer l, position p: pk[s][l*pstride + p*KV*dh] */
+    const float *const *pv;   /* (S,) same for values; NULL entries when start[s] == 0 */
+    int64_t pstride;          /* floats between layers in the prefix caches */
+} Batch;
+
+typedef struct { int site, layer, op; int64_t row; const float *value; /* (d,) */ } Patch;
+typedef struct { int layer; int64_t row; int key; /* absolute key position */ } EdgeBlock;
+
+/* Optional outputs: NULL pointers are not captured. Per-layer captures hold L layers of N rows each;
+ * layers before start_layer are left untouched. */
+typedef struct {
+    float *embed;       /* (N, d) */
+    float *resid_pre;   /* (L, N, d) */
+    float *resid_mid;   /* (L, N, d) residual after the attention add */
+    float *attn_out;    /* (L, N, d) */
+    float *mlp_out;     /* (L, N, d) */
+    float *head_out;    /* (L, H, N, d) each head's share of attn_out without b_O */
+    float *attn;        /* (L, H, sum_s len[s] * (start[s] + len[s])) attention probabilities */
+    float *z;           /* (L, N, H*dh) attention mixed values (input of W_O) */
+    float *norm_scale_attn; /* (L, N) scale of the post-attention norm (Gemma), for exact head_out */
+    float *k_cache;     /* (L, N, KV*dh) keys after norm and rope */
+    float *v_cache;     /* (L, N, KV*dh) values */
+    float *resid_final; /* (N, d) before the final norm */
+    float *final_scale; /* (N,) the final norm's 1/sqrt(var+eps) per row */
+    const int64_t *logit_rows; int64_t n_logit_rows; /* rows whose logits are wanted */
+    float *logits;      /* (n_logit_rows, V) */
+} Capture;
+
+typedef struct {
+    Config cfg;
+    Weights w;
+} Model;
+
+/* forward.c */
+int model_forward(const Model *m, const Batch *b, const int32_t *ids, const float *resid_in,
+                  int start_layer, const Patch *patches, int64_t n_patches,
+                  const EdgeBlock *blocks, int64_t n_blocks, Capture *cap, char *err, size_t errlen);
+
+/* convert.c: storage formats to float32 */
+void f16_to_f32(const uint16_t *in, float *out, int64_t n);
+void bf16_to_f32(const uint16_t *in, float *out, int64_t n);
+
+#endif

@@ -1,0 +1,375 @@
+/* The forward pass of a decoder-only transformer, one function per operation.
+ * Numerics follow Hugging Face transformers in float32 (see each function). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "blas.h"
+#include "factrace.h"
+
+/* ------------------------------------------------------------------------------------------ */
+/* elementary operations                                                                       */
+
+/* out (N, n_out) = x (N, n_in) @ W^T (W: (n_out, n_in)) + bias (n_out,) */
+static void matmul(float *out, const float *x, const float *W, const float *bias, int64_t N, int n_in,
+                   int n_out) {
+    if (N <= 0) return;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, n_out, n_in, 1.0f, x, n_in, W, n_in, 0.0f,
+                out, n_out);
+    if (bias)
+        for (int64_t i = 0; i < N; i++) {
+            float *o = out + i * n_out;
+            for (int j = 0; j < n_out; j++) o[j] += bias[j];
+        }
+}
+
+/* One row of a norm. LayerNorm: (x - mean) / sqrt(var + eps) * w + b (biased variance, like torch).
+ * RMSNorm: w * (x * rsqrt(mean(x^2) + eps)) like HF's LlamaRMSNorm (Gemma's (1 + w) folded into w).
+ * Returns the factor 1/sqrt(...) so callers can decompose the norm linearly. */
+static float norm_row(float *out, const float *x, int d, const float *w, const float *b, float eps, int kind) {
+    if (kind == NORM_LAYER) {
+        double s = 0.0;
+        for (int i = 0; i < d; i++) s += x[i];
+        float mean = (float)(s / d);
+        double v = 0.0;
+        for (int i = 0; i < d; i++) {
+            double c = (double)x[i] - mean;
+            v += c * c;
+        }
+        float rs = 1.0f / sqrtf((float)(v / d) + eps);
+        for (int i = 0; i < d; i++) {
+            float y = (x[i] - mean) * rs;
+            out[i] = w ? y * w[i] + (b ? b[i] : 0.0f) : y;
+        }
+        return rs;
+    }
+    double s = 0.0;
+    for (int i = 0; i < d; i++) s += (double)x[i] * x[i];
+    float rs = 1.0f / sqrtf((float)(s / d) + eps);
+    for (int i = 0; i < d; i++) {
+        float y = x[i] * rs;
+        out[i] = w ? w[i] * y : y;
+    }
+    return rs;
+}
+
+/* out (N, d) = norm(x (N, d)); scale (N,) optional */
+static void norm_rows(float *out, float *scale, const float *x, int64_t N, int d, const float *w,
+                      const float *b, float eps, int kind) {
+    for (int64_t i = 0; i < N; i++) {
+        float rs = norm_row(out + i * d, x + i * d, d, w, b, eps, kind);
+        if (scale) scale[i] = rs;
+    }
+}
+
+static float act_one(float x, int act) {
+    switch (act) {
+    case ACT_SILU: return x / (1.0f + expf(-x));
+    case ACT_GELU_ERF: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case ACT_RELU: return x > 0.0f ? x : 0.0f;
+    default: { /* tanh approximation (gelu_new, gelu_pytorch_tanh) */
+        const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
+        return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+    }
+    }
+}
+
+/* Rotary embedding of one head vector (dh,), rotate-half convention of HF Llama:
+ * out[i] = x[i] cos_i - x[i + dh/2] sin_i,  out[i + dh/2] = x[i + dh/2] cos_i + x[i] sin_i,
+ * with angle_i = pos * inv_freq[i] computed in float32 and cos/sin multiplied by mscale. */
+static void rope_head(float *x, int dh, int pos, const float *inv_freq, float mscale) {
+    int half = dh / 2;
+    for (int i = 0; i < half; i++) {
+        float ang = (float)pos * inv_freq[i];
+        float c = cosf(ang) * mscale, s = sinf(ang) * mscale;
+        float a = x[i], b2 = x[i + half];
+        x[i] = a * c - b2 * s;
+        x[i + half] = b2 * c + a * s;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* attention                                                                                    */
+
+/* Causal (optionally sliding-window) attention of one sequence for all heads.
+ * q (n, H*dh) rows of this sequence at absolute positions start .. start+n-1 (row stride H*dh)
+ * kall, vall (P, KV*dh) keys/values of positions 0 .. P-1 with P = start + n
+ * z (n, H*dh) output; probs (H, n, P) optional; blocked (n, P) bytes optional (1 = edge removed). */
+static void attend_sequence(float *z, float *probs, const float *q, const float *kall, const float *vall, int n,
+                            int start, const Config *c, int window, const unsigned char *blocked,
+                            float *scores /* (P,) scratch */) {
+    int H = c->n_heads, dh = c->d_head, kvd = c->n_kv_heads * dh, group = c->n_heads / c->n_kv_heads;
+    int P = start + n;
+    for (int h = 0; h < H; h++) {
+        int kh = h / group;
+        for (int i = 0; i < n; i++) {
+            int pos = start + i;
+            int lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
+            const float *qi = q + (int64_t)i * H * dh + h * dh;
+            float mx = -INFINITY;
+            for (int j = 0; j < P; j++) {
+                if (j < lo || j > pos || (blocked && blocked[(int64_t)i * P + j])) {
+                    scores[j] = -INFINITY;
+                    continue;
+                }
+                const float *kj = kall + (int64_t)j * kvd + kh * dh;
+                float s = 0.0f;
+                for (int t = 0; t < dh; t++) s += qi[t] * kj[t];
+                s *= c->attn_scale;
+                if (c->attn_softcap > 0.0f) s = c->attn_softcap * tanhf(s / c->attn_softcap);
+                scores[j] = s;
+                if (s > mx) mx = s;
+            }
+            float *zi = z + (int64_t)i * H * dh + h * dh;
+            memset(zi, 0, sizeof(float) * dh);
+            float *pr = probs ? probs + ((int64_t)h * n + i) * P : NULL;
+            if (mx == -INFINITY) { /* every edge blocked: the head contributes nothing */
+                if (pr) memset(pr, 0, sizeof(float) * P);
+                continue;
+            }
+            float sum = 0.0f;
+            for (int j = 0; j < P; j++) {
+                float e = scores[j] == -INFINITY ? 0.0f : expf(scores[j] - mx);
+                scores[j] = e;
+                sum += e;
+            }
+            float inv = 1.0f / sum;
+            for (int j = 0; j < P; j++) {
+                float a = scores[j] * inv;
+                if (pr) pr[j] = a;
+                if (a == 0.0f) continue;
+                const float *vj = vall + (int64_t)j * kvd + kh * dh;
+                for (int t = 0; t < dh; t++) zi[t] += a * vj[t];
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* interventions                                                                                */
+
+static void apply_patches(float *x, int d, int site, int layer, const Patch *p, int64_t np) {
+    for (int64_t i = 0; i < np; i++) {
+        if (p[i].site != site || p[i].layer != layer) continue;
+        float *r = x + p[i].row * d;
+        if (p[i].op == OP_ZERO) memset(r, 0, sizeof(float) * d);
+        else if (p[i].op == OP_SET) memcpy(r, p[i].value, sizeof(float) * d);
+        else for (int j = 0; j < d; j++) r[j] += p[i].value[j];
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the forward pass                                                                             */
+
+typedef struct {
+    float *x, *h, *q, *k, *v, *z, *a, *up, *gate, *scores, *kall, *vall, *tmp, *rs;
+    unsigned char *blocked;
+} Scratch;
+
+static void scratch_free(Scratch *s) {
+    free(s->x); free(s->h); free(s->q); free(s->k); free(s->v); free(s->z); free(s->a);
+    free(s->up); free(s->gate); free(s->scores); free(s->kall); free(s->vall); free(s->tmp); free(s->rs);
+    free(s->blocked);
+}
+
+#define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); goto done; } while (0)
+
+int model_forward(const Model *m, const Batch *b, const int32_t *ids, const float *resid_in, int start_layer,
+                  const Patch *patches, int64_t n_patches, const EdgeBlock *blocks, int64_t n_blocks,
+                  Capture *cap, char *err, size_t errlen) {
+    const Config *c = &m->cfg;
+    const Weights *w = &m->w;
+    int d = c->d_model, H = c->n_heads, dh = c->d_head, KV = c->n_kv_heads, F = c->d_mlp, L = c->n_layers;
+    int qd = H * dh, kvd = KV * dh;
+    int rc = -1;
+    Scratch s = {0};
+
+    int64_t N = 0, maxP = 0, maxn = 0, attn_total = 0;
+    for (int i = 0; i < b->n_seq; i++) {
+        N += b->len[i];
+        int64_t P = (int64_t)b->start[i] + b->len[i];
+        if (P > maxP) maxP = P;
+        if (b->len[i] > maxn) maxn = b->len[i];
+        attn_total += (int64_t)b->len[i] * P;
+    }
+    int64_t wide = F > qd ? F : qd;
+    if (wide < d) wide = d;
+    s.x = malloc(sizeof(float) * N * d);
+    s.h = malloc(sizeof(float) * N * d);
+    s.a = malloc(sizeof(float) * N * d);
+    s.q = malloc(sizeof(float) * N * qd);
+    s.z = malloc(sizeof(float) * N * qd);
+    s.k = malloc(sizeof(float) * N * kvd);
+    s.v = malloc(sizeof(float) * N * kvd);
+    s.up = malloc(sizeof(float) * N * F);
+    s.gate = malloc(sizeof(float) * N * F);
+    s.tmp = malloc(sizeof(float) * ((cap->logit_rows && cap->n_logit_rows > N) ? cap->n_logit_rows : N) * d);
+    s.rs = malloc(sizeof(float) * (N + 1));
+    s.scores = malloc(sizeof(float) * (maxP + 1));
+    s.kall = malloc(sizeof(float) * maxP * kvd);
+    s.vall = malloc(sizeof(float) * maxP * kvd);
+    if (n_blocks > 0) s.blocked = calloc((size_t)(maxn * maxP), 1);
+    if (!s.x || !s.h || !s.a || !s.q || !s.z || !s.k || !s.v || !s.up || !s.gate || !s.tmp || !s.rs ||
+        !s.scores || !s.kall || !s.vall || (n_blocks > 0 && !s.blocked))
+        FAIL("out of memory for a batch of %lld rows", (long long)N);
+
+    /* --- embeddings or given residual ------------------------------------------------------- */
+    if (start_layer == 0) {
+        int64_t r = 0;
+        for (int i = 0; i < b->n_seq; i++)
+            for (int t = 0; t < b->len[i]; t++, r++) {
+                const float *e = w->W_E + (int64_t)ids[r] * d;
+                float *xr = s.x + r * d;
+                for (int j = 0; j < d; j++) xr[j] = e[j] * c->embed_scale;
+            }
+        apply_patches(s.x, d, SITE_EMBED, -1, patches, n_patches);
+        if (c->learned_pos) {
+            r = 0;
+            for (int i = 0; i < b->n_seq; i++)
+                for (int t = 0; t < b->len[i]; t++, r++) {
+                    const float *pe = w->W_pos + (int64_t)(b->start[i] + t) * d;
+                    float *xr = s.x + r * d;
+                    for (int j = 0; j < d; j++) xr[j] += pe[j];
+                }
+        }
+        if (cap->embed) memcpy(cap->embed, s.x, sizeof(float) * N * d);
+    } else {
+        memcpy(s.x, resid_in, sizeof(float) * N * d);
+    }
+
+    /* --- blocks ------------------------------------------------------------------------------ */
+    for (int l = start_layer; l < L; l++) {
+        const LayerWeights *lw = &w->layers[l];
+        int64_t LN = (int64_t)l * N;
+        if (cap->resid_pre) memcpy(cap->resid_pre + LN * d, s.x, sizeof(float) * N * d);
+
+        /* attention: h = norm(x); q, k, v = h W^T + b */
+        norm_rows(s.h, NULL, s.x, N, d, lw->ln1_w, lw->ln1_b, c->norm_eps, c->norm);
+        matmul(s.q, s.h, lw->W_Q, lw->b_Q, N, d, qd);
+        matmul(s.k, s.h, lw->W_K, lw->b_K, N, d, kvd);
+        matmul(s.v, s.h, lw->W_V, lw->b_V, N, d, kvd);
+        if (c->qk_norm) {
+            for (int64_t i = 0; i < N * H; i++)
+                norm_row(s.q + i * dh, s.q + i * dh, dh, lw->q_norm_w, NULL, c->norm_eps, NORM_RMS);
+            for (int64_t i = 0; i < N * KV; i++)
+                norm_row(s.k + i * dh, s.k + i * dh, dh, lw->k_norm_w, NULL, c->norm_eps, NORM_RMS);
+        }
+        if (c->rope) {
+            int tbl = c->layer_rope ? c->layer_rope[l] : 0;
+            const float *inv = c->rope_inv_freq + (int64_t)tbl * (dh / 2);
+            float ms = c->rope_mscale[tbl];
+            int64_t r = 0;
+            for (int i = 0; i < b->n_seq; i++)
+                for (int t = 0; t < b->len[i]; t++, r++) {
+                    int pos = b->start[i] + t;
+                    for (int h = 0; h < H; h++) rope_head(s.q + r * qd + h * dh, dh, pos, inv, ms);
+                    for (int h = 0; h < KV; h++) rope_head(s.k + r * kvd + h * dh, dh, pos, inv, ms);
+                }
+        }
+        if (cap->k_cache) memcpy(cap->k_cache + LN * kvd, s.k, sizeof(float) * N * kvd);
+        if (cap->v_cache) memcpy(cap->v_cache + LN * kvd, s.v, sizeof(float) * N * kvd);
+
+        /* per sequence: gather prefix + new keys/values, attend */
+        int window = c->layer_window ? c->layer_window[l] : 0;
+        int64_t r0 = 0, attn_off = 0;
+        for (int i = 0; i < b->n_seq; i++) {
+            int n = b->len[i], st = b->start[i], P = st + n;
+            if (st > 0) {
+                memcpy(s.kall, b->pk[i] + l * b->pstride, sizeof(float) * st * kvd);
+                memcpy(s.vall, b->pv[i] + l * b->pstride, sizeof(float) * st * kvd);
+            }
+            memcpy(s.kall + (int64_t)st * kvd, s.k + r0 * kvd, sizeof(float) * n * kvd);
+            memcpy(s.vall + (int64_t)st * kvd, s.v + r0 * kvd, sizeof(float) * n * kvd);
+            unsigned char *blk = NULL;
+            if (n_blocks > 0) {
+                int any = 0;
+                for (int64_t e = 0; e < n_blocks; e++) {
+                    const EdgeBlock *eb = &blocks[e];
+                    if (eb->layer != l || eb->row < r0 || eb->row >= r0 + n || eb->key < 0 || eb->key >= P) continue;
+                    if (!any) memset(s.blocked, 0, (size_t)n * P);
+                    any = 1;
+                    s.blocked[(eb->row - r0) * P + eb->key] = 1;
+                }
+                if (any) blk = s.blocked;
+            }
+            float *pr = NULL;
+            float *tmp_probs = NULL;
+            if (cap->attn) {
+                /* layout (L, H, sum n*P): per layer, per head, this sequence's (n, P) block */
+                tmp_probs = malloc(sizeof(float) * (size_t)H * n * P);
+                if (!tmp_probs) FAIL("out of memory for attention probabilities");
+                pr = tmp_probs;
+            }
+            attend_sequence(s.z + r0 * qd, pr, s.q + r0 * qd, s.kall, s.vall, n, st, c, window, blk, s.scores);
+            if (tmp_probs) {
+                for (int h = 0; h < H; h++)
+                    memcpy(cap->attn + ((int64_t)l * H + h) * attn_total + attn_off, tmp_probs + (int64_t)h * n * P,
+                           sizeof(float) * n * P);
+                free(tmp_probs);
+            }
+            r0 += n;
+            attn_off += (int64_t)n * P;
+        }
+        if (cap->z) memcpy(cap->z + LN * qd, s.z, sizeof(float) * N * qd);
+
+        /* attn_out = z W_O^T + b_O (Gemma: then the post-attention norm) */
+        matmul(s.a, s.z, lw->W_O, lw->b_O, N, qd, d);
+        if (c->post_norms) {
+            norm_rows(s.a, s.rs, s.a, N, d, lw->post_attn_norm_w, NULL, c->norm_eps, NORM_RMS);
+            if (cap->norm_scale_attn) memcpy(cap->norm_scale_attn + LN, s.rs, sizeof(float) * N);
+        }
+        if (cap->head_out) {
+            /* head h: z[:, h] (N, dh) @ W_O[:, h]^T (dh -> d); Gemma: times the frozen norm factor and w */
+            for (int h = 0; h < H; h++) {
+                float *ho = cap->head_out + ((int64_t)l * H + h) * N * d;
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, d, dh, 1.0f, s.z + h * dh, qd,
+                            lw->W_O + h * dh, qd, 0.0f, ho, d);
+                if (c->post_norms)
+                    for (int64_t i = 0; i < N; i++)
+                        for (int j = 0; j < d; j++) ho[i * d + j] = lw->post_attn_norm_w[j] * (ho[i * d + j] * s.rs[i]);
+            }
+        }
+        apply_patches(s.a, d, SITE_ATTN_OUT, l, patches, n_patches);
+        if (cap->attn_out) memcpy(cap->attn_out + LN * d, s.a, sizeof(float) * N * d);
+        for (int64_t i = 0; i < N * d; i++) s.x[i] += s.a[i];
+        if (cap->resid_mid) memcpy(cap->resid_mid + LN * d, s.x, sizeof(float) * N * d);
+
+        /* MLP: h = norm(x); m = down(act(gate h) * up h) or down(act(up h)) */
+        norm_rows(s.h, NULL, s.x, N, d, lw->ln2_w, lw->ln2_b, c->norm_eps, c->norm);
+        matmul(s.up, s.h, lw->W_up, lw->b_up, N, d, F);
+        if (c->gated_mlp) {
+            matmul(s.gate, s.h, lw->W_gate, lw->b_gate, N, d, F);
+            for (int64_t i = 0; i < N * F; i++) s.up[i] = act_one(s.gate[i], c->act) * s.up[i];
+        } else {
+            for (int64_t i = 0; i < N * F; i++) s.up[i] = act_one(s.up[i], c->act);
+        }
+        matmul(s.a, s.up, lw->W_down, lw->b_down, N, F, d);
+        if (c->post_norms) norm_rows(s.a, NULL, s.a, N, d, lw->post_mlp_norm_w, NULL, c->norm_eps, NORM_RMS);
+        apply_patches(s.a, d, SITE_MLP_OUT, l, patches, n_patches);
+        if (cap->mlp_out) memcpy(cap->mlp_out + LN * d, s.a, sizeof(float) * N * d);
+        for (int64_t i = 0; i < N * d; i++) s.x[i] += s.a[i];
+        apply_patches(s.x, d, SITE_RESID_POST, l, patches, n_patches);
+    }
+    if (cap->resid_final) memcpy(cap->resid_final, s.x, sizeof(float) * N * d);
+
+    /* --- final norm and unembedding of the wanted rows ---------------------------------------- */
+    if (cap->logits || cap->final_scale) {
+        int64_t nr = cap->logit_rows ? cap->n_logit_rows : N;
+        for (int64_t i = 0; i < nr; i++) {
+            int64_t r = cap->logit_rows ? cap->logit_rows[i] : i;
+            float rs = norm_row(s.tmp + i * d, s.x + r * d, d, w->ln_f_w, w->ln_f_b, c->norm_eps, c->norm);
+            if (cap->final_scale) cap->final_scale[i] = rs;
+        }
+        if (cap->logits) {
+            matmul(cap->logits, s.tmp, w->W_U, NULL, nr, d, c->vocab_size);
+            if (c->final_softcap > 0.0f)
+                for (int64_t i = 0; i < nr * c->vocab_size; i++)
+                    cap->logits[i] = c->final_softcap * tanhf(cap->logits[i] / c->final_softcap);
+        }
+    }
+    rc = 0;
+done:
+    scratch_free(&s);
+    return rc;
+}

@@ -1,0 +1,536 @@
+/* factrace._core: the Python face of the C core.
+ *   Model(config: dict, weights: dict)  holds references to float32 weight arrays (no copies)
+ *   Model.forward(...)                  validates every argument, then runs model_forward without the GIL
+ *   convert(raw, kind) / sgemm(a, b) / set_num_threads(n) / get_num_threads() / BLAS
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <numpy/arrayobject.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "blas.h"
+#include "factrace.h"
+
+#ifndef FACTRACE_BLAS_NAME
+#define FACTRACE_BLAS_NAME "unknown"
+#endif
+
+typedef struct {
+    PyObject_HEAD
+    Model m;
+    PyObject *refs; /* list: every array the Model points into */
+    LayerWeights *layers;
+    int *layer_window, *layer_rope;
+    float *rope_inv_freq, *rope_mscale;
+} PyModel;
+
+/* ------------------------------------------------------------------------------------------ */
+/* helpers                                                                                      */
+
+static int dict_int(PyObject *d, const char *key, int *out, int required) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v) {
+        if (required) { PyErr_Format(PyExc_KeyError, "core config lacks '%s'", key); return -1; }
+        return 0;
+    }
+    long x = PyLong_AsLong(v);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (x < -2147483647L || x > 2147483647L) {
+        PyErr_Format(PyExc_ValueError, "core config '%s' = %ld is out of range", key, x);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+
+static int dict_float(PyObject *d, const char *key, float *out, int required) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v) {
+        if (required) { PyErr_Format(PyExc_KeyError, "core config lacks '%s'", key); return -1; }
+        return 0;
+    }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred()) return -1;
+    *out = (float)x;
+    return 0;
+}
+
+/* A float32 C-contiguous array of exactly the given shape (dims < 0 are not checked), kept in refs. */
+static const float *get_weight(PyModel *self, PyObject *weights, const char *name, int required, int ndim,
+                               npy_intp d0, npy_intp d1) {
+    PyObject *a = PyDict_GetItemString(weights, name);
+    if (!a || a == Py_None) {
+        if (required) PyErr_Format(PyExc_KeyError, "missing weight '%s'", name);
+        return NULL;
+    }
+    if (!PyArray_Check(a) || PyArray_TYPE((PyArrayObject *)a) != NPY_FLOAT32 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)a) || !PyArray_ISALIGNED((PyArrayObject *)a)) {
+        PyErr_Format(PyExc_TypeError, "weight '%s' must be an aligned C-contiguous float32 array", name);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)a;
+    npy_intp want[2] = {d0, d1};
+    if (PyArray_NDIM(arr) != ndim) goto bad;
+    for (int i = 0; i < ndim; i++)
+        if (PyArray_DIM(arr, i) != want[i]) goto bad;
+    if (PyList_Append(self->refs, a) < 0) return NULL;
+    return (const float *)PyArray_DATA(arr);
+bad:
+    if (ndim == 1)
+        PyErr_Format(PyExc_ValueError, "weight '%s' should have shape (%zd,)", name, (Py_ssize_t)d0);
+    else
+        PyErr_Format(PyExc_ValueError, "weight '%s' should have shape (%zd, %zd)", name, (Py_ssize_t)d0,
+                     (Py_ssize_t)d1);
+    return NULL;
+}
+
+#define WEIGHT(dst, req, nd, a, b)                                                                          \
+    do {                                                                                                  \
+        dst = get_weight(self, weights, name, req, nd, a, b);                                            \
+        if (!dst && PyErr_Occurred()) return -1;                                                          \
+    } while (0)
+
+/* ------------------------------------------------------------------------------------------ */
+/* Model                                                                                        */
+
+static void Model_dealloc(PyModel *self) {
+    Py_XDECREF(self->refs);
+    free(self->layers);
+    free(self->layer_window);
+    free(self->layer_rope);
+    free(self->rope_inv_freq);
+    free(self->rope_mscale);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Model_init(PyModel *self, PyObject *args, PyObject *kw) {
+    PyObject *cfgd, *weights;
+    static char *kwlist[] = {"config", "weights", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!", kwlist, &PyDict_Type, &cfgd, &PyDict_Type, &weights))
+        return -1;
+    if (self->refs) { PyErr_SetString(PyExc_RuntimeError, "Model already initialised"); return -1; }
+    self->refs = PyList_New(0);
+    if (!self->refs) return -1;
+    Config *c = &self->m.cfg;
+    memset(c, 0, sizeof(*c));
+    c->embed_scale = 1.0f;
+    if (dict_int(cfgd, "n_layers", &c->n_layers, 1) || dict_int(cfgd, "n_heads", &c->n_heads, 1) ||
+        dict_int(cfgd, "n_kv_heads", &c->n_kv_heads, 1) || dict_int(cfgd, "d_model", &c->d_model, 1) ||
+        dict_int(cfgd, "d_head", &c->d_head, 1) || dict_int(cfgd, "d_mlp", &c->d_mlp, 1) ||
+        dict_int(cfgd, "vocab_size", &c->vocab_size, 1) || dict_int(cfgd, "n_ctx", &c->n_ctx, 1) ||
+        dict_int(cfgd, "norm", &c->norm, 1) || dict_float(cfgd, "norm_eps", &c->norm_eps, 1) ||
+        dict_int(cfgd, "act", &c->act, 1) || dict_int(cfgd, "gated_mlp", &c->gated_mlp, 1) ||
+        dict_int(cfgd, "learned_pos", &c->learned_pos, 1) || dict_int(cfgd, "rope", &c->rope, 1) ||
+        dict_int(cfgd, "qk_norm", &c->qk_norm, 0) || dict_int(cfgd, "post_norms", &c->post_norms, 0) ||
+        dict_float(cfgd, "embed_scale", &c->embed_scale, 0) || dict_float(cfgd, "attn_scale", &c->attn_scale, 1) ||
+        dict_float(cfgd, "attn_softcap", &c->attn_softcap, 0) ||
+        dict_float(cfgd, "final_softcap", &c->final_softcap, 0))
+        return -1;
+    int L = c->n_layers, d = c->d_model, H = c->n_heads, KV = c->n_kv_heads, dh = c->d_head, F = c->d_mlp;
+    if (L < 1 || d < 1 || H < 1 || KV < 1 || dh < 1 || F < 1 || c->vocab_size < 1 || c->n_ctx < 1 ||
+        H % KV != 0 || (c->rope && dh % 2) || L > 100000 || d > (1 << 20) || dh > (1 << 16) ||
+        (int64_t)H * dh > (1 << 24) || F > (1 << 24)) {
+        PyErr_Format(PyExc_ValueError,
+                     "inconsistent core config: n_layers=%d d_model=%d n_heads=%d n_kv_heads=%d d_head=%d d_mlp=%d",
+                     L, d, H, KV, dh, F);
+        return -1;
+    }
+    if (c->norm != NORM_LAYER && c->norm != NORM_RMS) { PyErr_SetString(PyExc_ValueError, "bad norm kind"); return -1; }
+    /* per-layer tables */
+    self->layer_window = calloc(L, sizeof(int));
+    self->layer_rope = calloc(L, sizeof(int));
+    self->layers = calloc(L, sizeof(LayerWeights));
+    if (!self->layer_window || !self->layer_rope || !self->layers) { PyErr_NoMemory(); return -1; }
+    PyObject *lw = PyDict_GetItemString(cfgd, "layer_window"), *lr = PyDict_GetItemString(cfgd, "layer_rope");
+    for (int i = 0; i < 2; i++) {
+        PyObject *seq = i ? lr : lw;
+        int *dst = i ? self->layer_rope : self->layer_window;
+        if (!seq) continue;
+        if (!PyList_Check(seq) || PyList_GET_SIZE(seq) != L) {
+            PyErr_SetString(PyExc_ValueError, "layer_window / layer_rope must be lists of n_layers ints");
+            return -1;
+        }
+        for (int l = 0; l < L; l++) {
+            long x = PyLong_AsLong(PyList_GET_ITEM(seq, l));
+            if (x == -1 && PyErr_Occurred()) return -1;
+            if (x < 0 || x > 2147483647L) { PyErr_SetString(PyExc_ValueError, "bad per-layer value"); return -1; }
+            dst[l] = (int)x;
+        }
+    }
+    c->layer_window = self->layer_window;
+    c->layer_rope = self->layer_rope;
+    if (c->rope) {
+        PyObject *inv = PyDict_GetItemString(cfgd, "rope_inv_freq"), *ms = PyDict_GetItemString(cfgd, "rope_mscale");
+        PyArrayObject *ia = inv ? (PyArrayObject *)PyArray_FROMANY(inv, NPY_FLOAT32, 2, 2, NPY_ARRAY_CARRAY) : NULL;
+        PyArrayObject *ma = ms ? (PyArrayObject *)PyArray_FROMANY(ms, NPY_FLOAT32, 1, 1, NPY_ARRAY_CARRAY) : NULL;
+        if (!ia || !ma || PyArray_DIM(ia, 1) != dh / 2 || PyArray_DIM(ma, 0) != PyArray_DIM(ia, 0) ||
+            PyArray_DIM(ia, 0) < 1) {
+            Py_XDECREF(ia); Py_XDECREF(ma);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "rope_inv_freq must be (n_tables, d_head/2) with one mscale per table");
+            return -1;
+        }
+        int nt = (int)PyArray_DIM(ia, 0);
+        self->rope_inv_freq = malloc(sizeof(float) * nt * (dh / 2));
+        self->rope_mscale = malloc(sizeof(float) * nt);
+        if (!self->rope_inv_freq || !self->rope_mscale) { Py_DECREF(ia); Py_DECREF(ma); PyErr_NoMemory(); return -1; }
+        memcpy(self->rope_inv_freq, PyArray_DATA(ia), sizeof(float) * nt * (dh / 2));
+        memcpy(self->rope_mscale, PyArray_DATA(ma), sizeof(float) * nt);
+        Py_DECREF(ia); Py_DECREF(ma);
+        c->n_rope_tables = nt;
+        c->rope_inv_freq = self->rope_inv_freq;
+        c->rope_mscale = self->rope_mscale;
+        for (int l = 0; l < L; l++)
+            if (self->layer_rope[l] >= nt) { PyErr_SetString(PyExc_ValueError, "layer_rope index out of range"); return -1; }
+    }
+
+    Weights *w = &self->m.w;
+    const char *name;
+    int V = c->vocab_size, is_ln = c->norm == NORM_LAYER;
+    name = "W_E"; WEIGHT(w->W_E, 1, 2, V, d);
+    name = "W_U"; WEIGHT(w->W_U, 1, 2, V, d);
+    name = "ln_f_w"; WEIGHT(w->ln_f_w, 1, 1, d, 0);
+    name = "ln_f_b"; WEIGHT(w->ln_f_b, 0, 1, d, 0);
+    if (c->learned_pos) { name = "W_pos"; WEIGHT(w->W_pos, 1, 2, c->n_ctx, d); }
+    w->layers = self->layers;
+    char buf[64];
+    name = buf;
+    for (int l = 0; l < L; l++) {
+        LayerWeights *y = &self->layers[l];
+#define LW(field, req, nd, a, b) snprintf(buf, sizeof buf, "blocks.%d." #field, l); WEIGHT(y->field, req, nd, a, b)
+        LW(ln1_w, 1, 1, d, 0); LW(ln1_b, is_ln, 1, d, 0);
+        LW(W_Q, 1, 2, H * dh, d); LW(b_Q, 0, 1, H * dh, 0);
+        LW(W_K, 1, 2, KV * dh, d); LW(b_K, 0, 1, KV * dh, 0);
+        LW(W_V, 1, 2, KV * dh, d); LW(b_V, 0, 1, KV * dh, 0);
+        LW(q_norm_w, c->qk_norm, 1, dh, 0); LW(k_norm_w, c->qk_norm, 1, dh, 0);
+        LW(W_O, 1, 2, d, H * dh); LW(b_O, 0, 1, d, 0);
+        LW(post_attn_norm_w, c->post_norms, 1, d, 0);
+        LW(ln2_w, 1, 1, d, 0); LW(ln2_b, is_ln, 1, d, 0);
+        LW(W_gate, c->gated_mlp, 2, F, d); LW(b_gate, 0, 1, F, 0);
+        LW(W_up, 1, 2, F, d); LW(b_up, 0, 1, F, 0);
+        LW(W_down, 1, 2, d, F); LW(b_down, 0, 1, d, 0);
+        LW(post_mlp_norm_w, c->post_norms, 1, d, 0);
+#undef LW
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* forward                                                                                      */
+
+/* Borrowed-or-converted input array; NULL (no error) when obj is None/NULL. */
+static PyArrayObject *in_array(PyObject *obj, int type, int ndim, const char *what) {
+    if (!obj || obj == Py_None) return NULL;
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(obj, type, ndim, ndim, NPY_ARRAY_CARRAY_RO);
+    if (!a && !PyErr_Occurred()) PyErr_Format(PyExc_TypeError, "bad array for %s", what);
+    return a;
+}
+
+/* A capture output: float32, C-contiguous, writeable, exactly n elements. */
+static float *out_array(PyObject *capd, const char *key, int64_t n) {
+    PyObject *a = PyDict_GetItemString(capd, key);
+    if (!a || a == Py_None) return NULL;
+    PyArrayObject *arr = (PyArrayObject *)a;
+    if (!PyArray_Check(a) || PyArray_TYPE(arr) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(arr) ||
+        !PyArray_ISWRITEABLE(arr) || !PyArray_ISALIGNED(arr) || PyArray_SIZE(arr) != n) {
+        PyErr_Format(PyExc_ValueError, "capture '%s' must be a writeable C-contiguous float32 array of %lld elements",
+                     key, (long long)n);
+        return NULL;
+    }
+    return (float *)PyArray_DATA(arr);
+}
+
+static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"seq_lens", "ids", "resid_in", "seq_starts", "start_layer", "prefix_k", "prefix_v",
+                             "prefix_rows", "patch_site", "patch_layer", "patch_row", "patch_op", "patch_value",
+                             "blocks", "capture", "logit_rows", NULL};
+    PyObject *o_lens, *o_ids = NULL, *o_resid = NULL, *o_starts = NULL, *o_pk = NULL, *o_pv = NULL, *o_prow = NULL;
+    PyObject *o_ps = NULL, *o_pl = NULL, *o_pr = NULL, *o_po = NULL, *o_pval = NULL, *o_blocks = NULL, *capd = NULL;
+    PyObject *o_lrows = NULL;
+    int start_layer = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OOOiOOOOOOOOOO!O", kwlist, &o_lens, &o_ids, &o_resid, &o_starts,
+                                     &start_layer, &o_pk, &o_pv, &o_prow, &o_ps, &o_pl, &o_pr, &o_po, &o_pval,
+                                     &o_blocks, &PyDict_Type, &capd, &o_lrows))
+        return NULL;
+    if (!self->refs) { PyErr_SetString(PyExc_RuntimeError, "Model not initialised"); return NULL; }
+    const Config *c = &self->m.cfg;
+    int L = c->n_layers, d = c->d_model, H = c->n_heads, kvd = c->n_kv_heads * c->d_head, V = c->vocab_size;
+    PyObject *result = NULL;
+    PyArrayObject *lens = NULL, *starts = NULL, *ids = NULL, *resid = NULL, *pk = NULL, *pv = NULL, *prow = NULL;
+    PyArrayObject *ps = NULL, *pl = NULL, *pr = NULL, *po = NULL, *pval = NULL, *blk = NULL, *lrows = NULL;
+    int *zero_starts = NULL;
+    const float **pkp = NULL, **pvp = NULL;
+    Patch *patches = NULL;
+    EdgeBlock *blocks = NULL;
+    int64_t np = 0, nb = 0;
+    Capture cap;
+    memset(&cap, 0, sizeof cap);
+
+    lens = in_array(o_lens, NPY_INT32, 1, "seq_lens");
+    if (!lens) goto done;
+    int S = (int)PyArray_DIM(lens, 0);
+    const int *len = PyArray_DATA(lens);
+    if (S < 1) { PyErr_SetString(PyExc_ValueError, "empty batch: no sequences"); goto done; }
+    int64_t N = 0, attn_total = 0;
+    starts = in_array(o_starts, NPY_INT32, 1, "seq_starts");
+    if (PyErr_Occurred()) goto done;
+    if (starts && PyArray_DIM(starts, 0) != S) { PyErr_SetString(PyExc_ValueError, "seq_starts length != seq_lens"); goto done; }
+    if (!starts) {
+        zero_starts = calloc(S, sizeof(int));
+        if (!zero_starts) { PyErr_NoMemory(); goto done; }
+    }
+    const int *st = starts ? (const int *)PyArray_DATA(starts) : zero_starts;
+    int any_prefix = 0;
+    for (int i = 0; i < S; i++) {
+        if (len[i] < 1) { PyErr_Format(PyExc_ValueError, "sequence %d is empty", i); goto done; }
+        if (st[i] < 0 || (int64_t)st[i] + len[i] > c->n_ctx) {
+            PyErr_Format(PyExc_ValueError, "sequence %d needs positions up to %lld but the model's context is %d", i,
+                         (long long)st[i] + len[i], c->n_ctx);
+            goto done;
+        }
+        if (st[i] > 0) any_prefix = 1;
+        N += len[i];
+        attn_total += (int64_t)len[i] * (st[i] + len[i]);
+    }
+    if (start_layer < 0 || start_layer > L) { PyErr_Format(PyExc_ValueError, "start_layer %d outside [0, %d]", start_layer, L); goto done; }
+    if (start_layer == 0) {
+        ids = in_array(o_ids, NPY_INT32, 1, "ids");
+        if (!ids) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "ids are required when start_layer == 0"); goto done; }
+        if (PyArray_DIM(ids, 0) != N) { PyErr_SetString(PyExc_ValueError, "ids length != sum(seq_lens)"); goto done; }
+        const int32_t *id = PyArray_DATA(ids);
+        for (int64_t i = 0; i < N; i++)
+            if (id[i] < 0 || id[i] >= V) {
+                PyErr_Format(PyExc_ValueError, "token id %d at row %lld is outside the vocabulary [0, %d)", id[i], (long long)i, V);
+                goto done;
+            }
+    } else {
+        resid = in_array(o_resid, NPY_FLOAT32, 2, "resid_in");
+        if (!resid) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "resid_in is required when start_layer > 0"); goto done; }
+        if (PyArray_DIM(resid, 0) != N || PyArray_DIM(resid, 1) != d) { PyErr_SetString(PyExc_ValueError, "resid_in must be (sum(seq_lens), d_model)"); goto done; }
+    }
+    Batch b = {S, len, st, NULL, NULL, 0};
+    if (any_prefix) {
+        pk = in_array(o_pk, NPY_FLOAT32, 3, "prefix_k");
+        pv = pk ? in_array(o_pv, NPY_FLOAT32, 3, "prefix_v") : NULL;
+        prow = pv ? in_array(o_prow, NPY_INT64, 1, "prefix_rows") : NULL;
+        if (!prow) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "sequences with a start need prefix_k, prefix_v and prefix_rows"); goto done; }
+        npy_intp NB = PyArray_DIM(pk, 1);
+        if (PyArray_DIM(pk, 0) != L || PyArray_DIM(pk, 2) != kvd || PyArray_DIM(pv, 0) != L || PyArray_DIM(pv, 1) != NB ||
+            PyArray_DIM(pv, 2) != kvd || PyArray_DIM(prow, 0) != S) {
+            PyErr_SetString(PyExc_ValueError, "prefix caches must be (n_layers, rows, n_kv_heads*d_head) and prefix_rows (n_seq,)");
+            goto done;
+        }
+        pkp = calloc(S, sizeof(float *));
+        pvp = calloc(S, sizeof(float *));
+        if (!pkp || !pvp) { PyErr_NoMemory(); goto done; }
+        const int64_t *rows = PyArray_DATA(prow);
+        for (int i = 0; i < S; i++) {
+            if (st[i] == 0) continue;
+            if (rows[i] < 0 || rows[i] + st[i] > NB) { PyErr_Format(PyExc_ValueError, "prefix rows of sequence %d are out of range", i); goto done; }
+            pkp[i] = (const float *)PyArray_DATA(pk) + rows[i] * kvd;
+            pvp[i] = (const float *)PyArray_DATA(pv) + rows[i] * kvd;
+        }
+        b.pk = pkp; b.pv = pvp; b.pstride = (int64_t)NB * kvd;
+    }
+    /* patches */
+    if (o_ps && o_ps != Py_None) {
+        ps = in_array(o_ps, NPY_INT32, 1, "patch_site"); if (!ps) goto done;
+        pl = in_array(o_pl, NPY_INT32, 1, "patch_layer"); if (!pl) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "patch_layer missing"); goto done; }
+        pr = in_array(o_pr, NPY_INT64, 1, "patch_row"); if (!pr) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "patch_row missing"); goto done; }
+        po = in_array(o_po, NPY_INT32, 1, "patch_op"); if (!po) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "patch_op missing"); goto done; }
+        np = PyArray_DIM(ps, 0);
+        if (PyArray_DIM(pl, 0) != np || PyArray_DIM(pr, 0) != np || PyArray_DIM(po, 0) != np) { PyErr_SetString(PyExc_ValueError, "patch arrays differ in length"); goto done; }
+        pval = in_array(o_pval, NPY_FLOAT32, 2, "patch_value");
+        if (PyErr_Occurred()) goto done;
+        if (pval && (PyArray_DIM(pval, 0) != np || PyArray_DIM(pval, 1) != d)) { PyErr_SetString(PyExc_ValueError, "patch_value must be (n_patches, d_model)"); goto done; }
+        patches = calloc(np ? np : 1, sizeof(Patch));
+        if (!patches) { PyErr_NoMemory(); goto done; }
+        const int *s_ = PyArray_DATA(ps), *l_ = PyArray_DATA(pl), *o_ = PyArray_DATA(po);
+        const int64_t *r_ = PyArray_DATA(pr);
+        for (int64_t i = 0; i < np; i++) {
+            Patch *p = &patches[i];
+            p->site = s_[i]; p->layer = l_[i]; p->row = r_[i]; p->op = o_[i];
+            p->value = pval ? (const float *)PyArray_DATA(pval) + i * d : NULL;
+            int lay_ok = p->site == SITE_EMBED ? p->layer == -1 : (p->layer >= 0 && p->layer < L);
+            if (p->site < 0 || p->site >= N_SITES || !lay_ok || p->row < 0 || p->row >= N || p->op < 0 || p->op > OP_ZERO ||
+                (p->op != OP_ZERO && !p->value)) {
+                PyErr_Format(PyExc_ValueError, "patch %lld is invalid (site %d, layer %d, row %lld, op %d)", (long long)i,
+                             p->site, p->layer, (long long)p->row, p->op);
+                goto done;
+            }
+            if (p->site == SITE_EMBED && start_layer > 0) { PyErr_SetString(PyExc_ValueError, "an embedding patch needs start_layer 0"); goto done; }
+        }
+    }
+    /* edge blocks: (n, 3) int64 rows of (layer, row, key position) */
+    blk = in_array(o_blocks, NPY_INT64, 2, "blocks");
+    if (PyErr_Occurred()) goto done;
+    if (blk) {
+        if (PyArray_DIM(blk, 1) != 3) { PyErr_SetString(PyExc_ValueError, "blocks must be (n, 3): layer, row, key"); goto done; }
+        nb = PyArray_DIM(blk, 0);
+        blocks = calloc(nb ? nb : 1, sizeof(EdgeBlock));
+        if (!blocks) { PyErr_NoMemory(); goto done; }
+        const int64_t *e = PyArray_DATA(blk);
+        for (int64_t i = 0; i < nb; i++) {
+            if (e[3 * i] < 0 || e[3 * i] >= L || e[3 * i + 1] < 0 || e[3 * i + 1] >= N || e[3 * i + 2] < 0 || e[3 * i + 2] >= c->n_ctx) {
+                PyErr_Format(PyExc_ValueError, "edge block %lld is out of range", (long long)i);
+                goto done;
+            }
+            blocks[i].layer = (int)e[3 * i]; blocks[i].row = e[3 * i + 1]; blocks[i].key = (int)e[3 * i + 2];
+        }
+    }
+    /* captures */
+    if (capd) {
+        int64_t LN = (int64_t)L * N;
+        if (!(cap.embed = out_array(capd, "embed", N * d)) && PyErr_Occurred()) goto done;
+        if (!(cap.resid_pre = out_array(capd, "resid_pre", LN * d)) && PyErr_Occurred()) goto done;
+        if (!(cap.resid_mid = out_array(capd, "resid_mid", LN * d)) && PyErr_Occurred()) goto done;
+        if (!(cap.attn_out = out_array(capd, "attn_out", LN * d)) && PyErr_Occurred()) goto done;
+        if (!(cap.mlp_out = out_array(capd, "mlp_out", LN * d)) && PyErr_Occurred()) goto done;
+        if (!(cap.head_out = out_array(capd, "head_out", LN * H * d)) && PyErr_Occurred()) goto done;
+        if (!(cap.attn = out_array(capd, "attn", (int64_t)L * H * attn_total)) && PyErr_Occurred()) goto done;
+        if (!(cap.z = out_array(capd, "z", LN * H * c->d_head)) && PyErr_Occurred()) goto done;
+        if (!(cap.norm_scale_attn = out_array(capd, "norm_scale_attn", LN)) && PyErr_Occurred()) goto done;
+        if (!(cap.k_cache = out_array(capd, "k_cache", LN * kvd)) && PyErr_Occurred()) goto done;
+        if (!(cap.v_cache = out_array(capd, "v_cache", LN * kvd)) && PyErr_Occurred()) goto done;
+        if (!(cap.resid_final = out_array(capd, "resid_final", N * d)) && PyErr_Occurred()) goto done;
+        int64_t R = N;
+        lrows = in_array(o_lrows, NPY_INT64, 1, "logit_rows");
+        if (PyErr_Occurred()) goto done;
+        if (lrows) {
+            R = PyArray_DIM(lrows, 0);
+            const int64_t *lr = PyArray_DATA(lrows);
+            for (int64_t i = 0; i < R; i++)
+                if (lr[i] < 0 || lr[i] >= N) { PyErr_Format(PyExc_ValueError, "logit row %lld out of range", (long long)lr[i]); goto done; }
+            cap.logit_rows = lr;
+            cap.n_logit_rows = R;
+        }
+        if (!(cap.logits = out_array(capd, "logits", R * V)) && PyErr_Occurred()) goto done;
+        if (!(cap.final_scale = out_array(capd, "final_scale", R)) && PyErr_Occurred()) goto done;
+    }
+    char err[256] = "";
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = model_forward(&self->m, &b, ids ? PyArray_DATA(ids) : NULL, resid ? PyArray_DATA(resid) : NULL, start_layer,
+                       patches, np, blocks, nb, &cap, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_RuntimeError, err);
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_XDECREF(lens); Py_XDECREF(starts); Py_XDECREF(ids); Py_XDECREF(resid); Py_XDECREF(pk); Py_XDECREF(pv);
+    Py_XDECREF(prow); Py_XDECREF(ps); Py_XDECREF(pl); Py_XDECREF(pr); Py_XDECREF(po); Py_XDECREF(pval);
+    Py_XDECREF(blk); Py_XDECREF(lrows);
+    free(zero_starts); free(pkp); free(pvp); free(patches); free(blocks);
+    return result;
+}
+
+static PyMethodDef Model_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))Model_forward, METH_VARARGS | METH_KEYWORDS,
+     "forward(seq_lens, ids=None, resid_in=None, seq_starts=None, start_layer=0, prefix_k=None, prefix_v=None,\n"
+     "        prefix_rows=None, patch_site=None, patch_layer=None, patch_row=None, patch_op=None, patch_value=None,\n"
+     "        blocks=None, capture=None, logit_rows=None)\n"
+     "Low-level batched forward pass writing into the preallocated float32 arrays of `capture`. Use factrace.Model.run."},
+    {NULL, NULL, 0, NULL}};
+
+static PyTypeObject ModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "factrace._core.Model",
+    .tp_basicsize = sizeof(PyModel),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Model(config: dict, weights: dict): C model over float32 weight arrays (held, not copied).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Model_init,
+    .tp_dealloc = (destructor)Model_dealloc,
+    .tp_methods = Model_methods,
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* module functions                                                                              */
+
+/* convert(raw: uint16 array, kind: "f16" | "bf16") -> float32 array of the same shape */
+static PyObject *py_convert(PyObject *mod, PyObject *args) {
+    PyObject *o;
+    const char *kind;
+    if (!PyArg_ParseTuple(args, "Os", &o, &kind)) return NULL;
+    int is_bf = strcmp(kind, "bf16") == 0;
+    if (!is_bf && strcmp(kind, "f16") != 0) { PyErr_Format(PyExc_ValueError, "unknown kind '%s'", kind); return NULL; }
+    PyArrayObject *in = (PyArrayObject *)PyArray_FROMANY(o, NPY_UINT16, 0, 0, NPY_ARRAY_CARRAY_RO);
+    if (!in) return NULL;
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(in), PyArray_DIMS(in), NPY_FLOAT32);
+    if (!out) { Py_DECREF(in); return NULL; }
+    int64_t n = PyArray_SIZE(in);
+    const uint16_t *src = PyArray_DATA(in);
+    float *dst = PyArray_DATA(out);
+    Py_BEGIN_ALLOW_THREADS
+    if (is_bf) bf16_to_f32(src, dst, n); else f16_to_f32(src, dst, n);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(in);
+    return (PyObject *)out;
+}
+
+/* sgemm(a (M, K), b (N, K)) -> a @ b.T with the linked BLAS (for benchmarks) */
+static PyObject *py_sgemm(PyObject *mod, PyObject *args) {
+    PyObject *oa, *ob;
+    if (!PyArg_ParseTuple(args, "OO", &oa, &ob)) return NULL;
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(oa, NPY_FLOAT32, 2, 2, NPY_ARRAY_CARRAY_RO);
+    PyArrayObject *b = a ? (PyArrayObject *)PyArray_FROMANY(ob, NPY_FLOAT32, 2, 2, NPY_ARRAY_CARRAY_RO) : NULL;
+    if (!b) { Py_XDECREF(a); return NULL; }
+    npy_intp M = PyArray_DIM(a, 0), K = PyArray_DIM(a, 1), N = PyArray_DIM(b, 0);
+    if (PyArray_DIM(b, 1) != K || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX) {
+        Py_DECREF(a); Py_DECREF(b);
+        PyErr_SetString(PyExc_ValueError, "sgemm: a (M, K) and b (N, K) must share K");
+        return NULL;
+    }
+    npy_intp dims[2] = {M, N};
+    PyArrayObject *c = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (c && M > 0 && N > 0) {
+        const float *pa = PyArray_DATA(a), *pb = PyArray_DATA(b);
+        float *pc = PyArray_DATA(c);
+        Py_BEGIN_ALLOW_THREADS
+        if (K > 0) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)N, (int)K, 1.0f, pa, (int)K, pb, (int)K, 0.0f, pc, (int)N);
+        else memset(pc, 0, sizeof(float) * M * N);
+        Py_END_ALLOW_THREADS
+    }
+    Py_DECREF(a); Py_DECREF(b);
+    return (PyObject *)c;
+}
+
+static PyObject *py_set_num_threads(PyObject *mod, PyObject *args) {
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+    if (n < 1) { PyErr_SetString(PyExc_ValueError, "threads must be >= 1"); return NULL; }
+    openblas_set_num_threads(n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_num_threads(PyObject *mod, PyObject *args) { return PyLong_FromLong(openblas_get_num_threads()); }
+
+static PyMethodDef module_methods[] = {
+    {"convert", py_convert, METH_VARARGS, "convert(raw_uint16, 'f16'|'bf16') -> float32 array (exact)"},
+    {"sgemm", py_sgemm, METH_VARARGS, "sgemm(a (M,K), b (N,K)) -> a @ b.T computed by the linked OpenBLAS"},
+    {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n): OpenBLAS threads"},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> OpenBLAS threads"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "factrace._core", "factrace C core", -1, module_methods};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    import_array();
+    if (PyType_Ready(&ModelType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    Py_INCREF(&ModelType);
+    if (PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0 ||
+        PyModule_AddStringConstant(m, "BLAS", FACTRACE_BLAS_NAME) < 0 ||
+        PyModule_AddIntConstant(m, "SITE_EMBED", SITE_EMBED) < 0 || PyModule_AddIntConstant(m, "SITE_ATTN_OUT", SITE_ATTN_OUT) < 0 ||
+        PyModule_AddIntConstant(m, "SITE_MLP_OUT", SITE_MLP_OUT) < 0 || PyModule_AddIntConstant(m, "SITE_RESID_POST", SITE_RESID_POST) < 0 ||
+        PyModule_AddIntConstant(m, "OP_SET", OP_SET) < 0 || PyModule_AddIntConstant(m, "OP_ADD", OP_ADD) < 0 ||
+        PyModule_AddIntConstant(m, "OP_ZERO", OP_ZERO) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

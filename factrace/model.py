@@ -1,0 +1,248 @@
+"""``Model``: a loaded checkpoint with its tokenizer, and ``RunResult``: the residual stream taken apart."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _core
+from .config import ModelConfig
+from .interventions import compile_interventions
+
+ALL_CAPTURES = ("embed", "resid_pre", "resid_mid", "attn_out", "mlp_out", "head_out", "attn", "z",
+                "resid_final", "final_scale")
+PER_LAYER = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "k_cache", "v_cache", "norm_scale_attn")
+CAPTURE_NAMES = ALL_CAPTURES + ("k_cache", "v_cache", "norm_scale_attn")
+
+
+class InputError(ValueError):
+    """Bad input to a run: empty sequence, token id out of range, sequence longer than the context."""
+
+
+@dataclass
+class RunResult:
+    """The outputs of one sequence's forward pass (T tokens, L layers, H heads, d = d_model).
+
+    Always: ``ids`` (T,), ``logits`` (T, V) (or (1, V) with ``logits="last"``).
+    With ``capture``: ``embed`` (T, d) what the embedding layer(s) put in the residual stream;
+    ``resid_pre`` (L, T, d) input of each block; ``resid_mid`` (L, T, d) after the attention add;
+    ``attn_out`` / ``mlp_out`` (L, T, d) what each sub-block adds; ``head_out`` (L, H, T, d) each head's
+    share of ``attn_out`` without the output bias (Gemma: through its post-norm at the run's own scale);
+    ``attn`` (L, H, T, T) attention probabilities; ``z`` (L, T, H*dh) the heads' mixed values;
+    ``resid_final`` (T, d) after the last block, before the final norm; ``final_scale`` (T,) the final
+    norm's 1/sqrt(var + eps) per position.
+
+    The parts add up: ``resid_final == embed + attn_out.sum(0) + mlp_out.sum(0)`` and
+    ``attn_out[l] == head_out[l].sum(0) + b_O[l]`` (to float32 rounding).
+    """
+
+    ids: np.ndarray
+    logits: np.ndarray | None = None
+    embed: np.ndarray | None = None
+    resid_pre: np.ndarray | None = None
+    resid_mid: np.ndarray | None = None
+    attn_out: np.ndarray | None = None
+    mlp_out: np.ndarray | None = None
+    head_out: np.ndarray | None = None
+    attn: np.ndarray | None = None
+    z: np.ndarray | None = None
+    resid_final: np.ndarray | None = None
+    final_scale: np.ndarray | None = None
+    k_cache: np.ndarray | None = None
+    v_cache: np.ndarray | None = None
+    norm_scale_attn: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def resid_post(self) -> np.ndarray | None:
+        """(L, T, d) each block's output: resid_pre[1:] followed by resid_final."""
+        if self.resid_pre is None or self.resid_final is None:
+            return None
+        return np.concatenate([self.resid_pre[1:], self.resid_final[None]], 0)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """Softmax of the logits (float64 for accuracy), shape like ``logits``."""
+        x = self.logits.astype(np.float64)
+        x = np.exp(x - x.max(-1, keepdims=True))
+        return x / x.sum(-1, keepdims=True)
+
+
+class Model:
+    """A transformer loaded by :func:`factrace.load`, run by the C core.
+
+    Attributes: ``config`` (:class:`ModelConfig`), ``tokenizer``, ``weights`` (dict of float32 arrays in
+    factrace's canonical names, see docs/ARCHITECTURE.md), ``name``.
+
+    Example:
+        >>> m = factrace.load("smollm2")                          # doctest: +SKIP
+        >>> ids = m.encode("The Eiffel Tower is in")              # doctest: +SKIP
+        >>> r = m.run(ids, capture=True)                          # doctest: +SKIP
+        >>> r.attn_out.shape                                       # doctest: +SKIP
+        (30, 7, 576)
+    """
+
+    def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, name: str = "model", source=None):
+        self.config = config
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source
+        self._core = _core.Model(config.core_dict(), weights)
+
+    def __repr__(self):
+        c = self.config
+        return (f"<factrace.Model {self.name!r} {c.arch} L={c.n_layers} d={c.d_model} H={c.n_heads} "
+                f"KV={c.n_kv_heads} V={c.vocab_size}>")
+
+    # -- tokenizer ---------------------------------------------------------------------------
+    def _tok(self):
+        if self.tokenizer is None:
+            raise RuntimeError(f"{self.name}: this model has no tokenizer (no tokenizer.json); pass token ids")
+        return self.tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
+        """Token ids (T,) int32; special tokens as the model's tokenizer adds them (BOS for Llama,
+        none for GPT-2) unless ``add_special_tokens=False``."""
+        return self._tok().encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids) -> str:
+        """Text of a sequence of token ids."""
+        return self._tok().decode(ids)
+
+    def token_strings(self, ids) -> list:
+        """One string per token id, for labels."""
+        return self._tok().token_strings(ids)
+
+    def W(self, name: str, layer: int | None = None) -> np.ndarray | None:
+        """A weight by canonical name, e.g. ``m.W("b_O", 3)`` or ``m.W("W_U")``; None if absent."""
+        key = name if layer is None else f"blocks.{layer}.{name}"
+        return self.weights.get(key)
+
+    def b_O(self, layer: int) -> np.ndarray:
+        """(d,) the attention output bias of ``layer`` as it reaches the residual stream (zeros if none)."""
+        b = self.W("b_O", layer)
+        return np.zeros(self.config.d_model, np.float32) if b is None else b
+
+    # -- running -----------------------------------------------------------------------------
+    def _as_batch(self, ids):
+        single = False
+        if isinstance(ids, str):
+            ids = [self.encode(ids)]
+            single = True
+        elif isinstance(ids, np.ndarray) and ids.ndim == 1:
+            ids, single = [ids], True
+        elif isinstance(ids, np.ndarray) and ids.ndim == 2:
+            ids = list(ids)
+        elif isinstance(ids, (list, tuple)) and (len(ids) == 0 or isinstance(ids[0], (int, np.integer))):
+            ids, single = [ids], True
+        elif isinstance(ids, (list, tuple)):
+            ids = [self.encode(x) if isinstance(x, str) else x for x in ids]
+        else:
+            raise InputError(f"cannot run on {type(ids).__name__}; pass token ids, a list of them, or a str")
+        seqs = []
+        V, n_ctx = self.config.vocab_size, self.config.n_ctx
+        for i, s in enumerate(ids):
+            a = np.asarray(s)
+            if a.ndim != 1 or a.size == 0:
+                raise InputError(f"sequence {i} is empty or not 1-D (shape {a.shape})")
+            if not np.issubdtype(a.dtype, np.integer):
+                raise InputError(f"sequence {i}: token ids must be integers, got {a.dtype}")
+            if a.min() < 0 or a.max() >= V:
+                bad = int(a[(a < 0) | (a >= V)][0])
+                raise InputError(f"sequence {i}: token id {bad} is outside the vocabulary [0, {V})")
+            if a.size > n_ctx:
+                raise InputError(f"sequence {i} has {a.size} tokens; the model's context is {n_ctx}")
+            seqs.append(a.astype(np.int32))
+        if not seqs:
+            raise InputError("empty batch")
+        return seqs, single
+
+    def run(self, ids, capture=False, interventions=(), logits: str | None = "all"):
+        """Run the model on one sequence or a batch of sequences of any lengths.
+
+        Args:
+            ids: token ids (T,), a str (encoded with special tokens), or a list of sequences / strs.
+            capture: False, True (every field of :class:`RunResult` except the K/V caches), or a list of
+                names from ``embed, resid_pre, resid_mid, attn_out, mlp_out, head_out, attn, z,
+                resid_final, final_scale, k_cache, v_cache, norm_scale_attn``.
+            interventions: a list of :mod:`factrace.interventions` objects, applied in one pass.
+            logits: ``"all"`` (T, V), ``"last"`` (1, V) or None.
+
+        Returns: a :class:`RunResult` for one sequence, a list of them for a batch. All sequences of a
+        batch go through the same matrix products in C (no padding).
+
+        Example:
+            >>> r = m.run(m.encode("The capital of France is"), capture=["attn_out", "mlp_out"])  # doctest: +SKIP
+            >>> rs = m.run([ids_a, ids_b], logits="last")                                        # doctest: +SKIP
+        """
+        seqs, single = self._as_batch(ids)
+        if capture is True:
+            names = list(ALL_CAPTURES)
+        elif not capture:
+            names = []
+        else:
+            names = list(capture)
+            bad = [n for n in names if n not in CAPTURE_NAMES]
+            if bad:
+                raise ValueError(f"unknown capture {bad}; known: {', '.join(CAPTURE_NAMES)}")
+        c = self.config
+        lens = np.array([len(s) for s in seqs], np.int32)
+        N = int(lens.sum())
+        L, d, H = c.n_layers, c.d_model, c.n_heads
+        kvd = c.n_kv_heads * c.d_head
+        shapes = {"embed": (N, d), "resid_pre": (L, N, d), "resid_mid": (L, N, d), "attn_out": (L, N, d),
+                  "mlp_out": (L, N, d), "head_out": (L, H, N, d), "attn": (L, H, int((lens.astype(np.int64) ** 2).sum())),
+                  "z": (L, N, H * c.d_head), "resid_final": (N, d), "k_cache": (L, N, kvd), "v_cache": (L, N, kvd),
+                  "norm_scale_attn": (L, N)}
+        cap = {n: np.empty(shapes[n], np.float32) for n in names if n in shapes}
+        row0 = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+        kw = {}
+        if logits == "all":
+            cap["logits"] = np.empty((N, c.vocab_size), np.float32)
+            lrows = None
+        elif logits == "last":
+            lrows = row0 + lens - 1
+            cap["logits"] = np.empty((len(seqs), c.vocab_size), np.float32)
+        elif logits is None:
+            lrows = None
+        else:
+            raise ValueError("logits must be 'all', 'last' or None")
+        if "final_scale" in names:
+            cap["final_scale"] = np.empty(len(lrows) if lrows is not None else N, np.float32)
+            if logits is None:
+                lrows = None
+        if lrows is not None:
+            kw["logit_rows"] = lrows
+        if interventions:
+            kw.update(compile_interventions(interventions, lens, L, d))
+        self._core.forward(lens, ids=np.concatenate(seqs), capture=cap, **kw)
+        return self._split(seqs, lens, row0, cap, logits, single)
+
+    def _split(self, seqs, lens, row0, cap, logits, single):
+        out = []
+        aoff = 0
+        for i, s in enumerate(seqs):
+            T, r = int(lens[i]), int(row0[i])
+            res = RunResult(ids=s)
+            for n, a in cap.items():
+                if n == "logits":
+                    res.logits = a[r:r + T] if logits == "all" else a[i:i + 1]
+                elif n == "final_scale":
+                    res.final_scale = a[r:r + T] if logits != "last" else a[i:i + 1]
+                elif n == "attn":
+                    res.attn = a[:, :, aoff:aoff + T * T].reshape(a.shape[0], a.shape[1], T, T)
+                elif n == "head_out":
+                    res.head_out = a[:, :, r:r + T]
+                elif n in ("embed", "resid_final"):
+                    setattr(res, n, a[r:r + T])
+                else:
+                    setattr(res, n, a[:, r:r + T])
+            aoff += T * T
+            out.append(res)
+        return out[0] if single else out
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of OpenBLAS threads used by the C core (process-wide)."""
+    _core.set_num_threads(int(n))
