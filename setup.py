@@ -89,4 +89,9 @@ exts = [core]
 if gguf_sources:
     exts.append(Extension("factrace._gguf", sources=gguf_sources, libraries=["m"], **common))
 
+if os.path.exists("csrc/attribution.c"):
+    exts.append(Extension("factrace._attrib", sources=["csrc/attribution.c"],
+                          library_dirs=blas["library_dirs"], libraries=blas["libraries"] + ["m"],
+                          **{**common, "extra_link_args": ldflags + blas["extra_link_args"]}))
+
 setup(ext_modules=exts)
