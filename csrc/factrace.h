@@ -107,7 +107,7 @@ typedef struct {
     Weights w;
 } Model;
 
-/* forward.c */
+/* forward.c: runs blocks start_layer .. L-1 on the embeddings of ids, or on resid_in (N, d) if given */
 int model_forward(const Model *m, const Batch *b, const int32_t *ids, const float *resid_in,
                   int start_layer, const Patch *patches, int64_t n_patches,
                   const EdgeBlock *blocks, int64_t n_blocks, Capture *cap, char *err, size_t errlen);

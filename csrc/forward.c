@@ -214,8 +214,8 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
         !s.scores || !s.kall || !s.vall || (n_blocks > 0 && !s.blocked))
         FAIL("out of memory for a batch of %lld rows", (long long)N);
 
-    /* --- embeddings or given residual ------------------------------------------------------- */
-    if (start_layer == 0) {
+    /* --- embeddings, or the given residual stream entering block start_layer ------------------ */
+    if (!resid_in) {
         int64_t r = 0;
         for (int i = 0; i < b->n_seq; i++)
             for (int t = 0; t < b->len[i]; t++, r++) {

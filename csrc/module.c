@@ -294,9 +294,13 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
         attn_total += (int64_t)len[i] * (st[i] + len[i]);
     }
     if (start_layer < 0 || start_layer > L) { PyErr_Format(PyExc_ValueError, "start_layer %d outside [0, %d]", start_layer, L); goto done; }
-    if (start_layer == 0) {
+    resid = in_array(o_resid, NPY_FLOAT32, 2, "resid_in");
+    if (PyErr_Occurred()) goto done;
+    if (resid) {
+        if (PyArray_DIM(resid, 0) != N || PyArray_DIM(resid, 1) != d) { PyErr_SetString(PyExc_ValueError, "resid_in must be (sum(seq_lens), d_model)"); goto done; }
+    } else if (start_layer == 0) {
         ids = in_array(o_ids, NPY_INT32, 1, "ids");
-        if (!ids) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "ids are required when start_layer == 0"); goto done; }
+        if (!ids) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "ids or resid_in are required"); goto done; }
         if (PyArray_DIM(ids, 0) != N) { PyErr_SetString(PyExc_ValueError, "ids length != sum(seq_lens)"); goto done; }
         const int32_t *id = PyArray_DATA(ids);
         for (int64_t i = 0; i < N; i++)
@@ -305,9 +309,8 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
                 goto done;
             }
     } else {
-        resid = in_array(o_resid, NPY_FLOAT32, 2, "resid_in");
-        if (!resid) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "resid_in is required when start_layer > 0"); goto done; }
-        if (PyArray_DIM(resid, 0) != N || PyArray_DIM(resid, 1) != d) { PyErr_SetString(PyExc_ValueError, "resid_in must be (sum(seq_lens), d_model)"); goto done; }
+        PyErr_SetString(PyExc_ValueError, "resid_in is required when start_layer > 0");
+        goto done;
     }
     Batch b = {S, len, st, NULL, NULL, 0};
     if (any_prefix) {
@@ -359,7 +362,7 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
                              p->site, p->layer, (long long)p->row, p->op);
                 goto done;
             }
-            if (p->site == SITE_EMBED && start_layer > 0) { PyErr_SetString(PyExc_ValueError, "an embedding patch needs start_layer 0"); goto done; }
+            if (p->site == SITE_EMBED && resid) { PyErr_SetString(PyExc_ValueError, "an embedding patch needs a run from token ids"); goto done; }
         }
     }
     /* edge blocks: (n, 3) int64 rows of (layer, row, key position) */
