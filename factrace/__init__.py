@@ -17,20 +17,21 @@ from .interventions import Intervention, add, block_attention, freeze, set_value
 from .loader import load  # noqa: E402
 from .model import InputError, Model, RunResult, set_num_threads  # noqa: E402
 from .safetensors import CheckpointError  # noqa: E402
+from .tracing import gini, knockout, sever, subject_span, trace, trace_all, trace_dataset  # noqa: E402
 
 BLAS = _core.BLAS
 __version__ = "0.1.0"
 
 __all__ = ["load", "Model", "RunResult", "ModelConfig", "ConfigError", "CheckpointError", "InputError",
            "SUPPORTED_ARCHS", "Intervention", "add", "set_values", "freeze", "zero", "block_attention",
-           "set_num_threads", "BLAS"]
+           "set_num_threads", "BLAS", "trace", "trace_all", "trace_dataset", "sever", "knockout", "gini",
+           "subject_span"]
 
 
 def __getattr__(name):  # lazy analysis modules keep `import factrace` light
     import importlib
 
-    lazy = {"trace": "trace", "trace_dataset": "trace", "sever": "trace", "knockout": "trace", "gini": "trace",
-            "dla": "attribution", "logit_lens": "attribution", "attention_knockout": "attribution",
+    lazy = {"dla": "attribution", "logit_lens": "attribution", "attention_knockout": "attribution",
             "datasets": None, "objects": None}
     if name in lazy:
         mod = importlib.import_module(f".{lazy[name] or name}", __name__)

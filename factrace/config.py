@@ -137,13 +137,21 @@ def rope_inv_freq(dim: int, base: float, scaling: dict | None = None, where: str
         kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv, 1.0
+    def pos(key):
+        v = scaling.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"{where}: rope scaling '{key}' must be a positive number, got {v!r}")
+        return f32(v)
+
     if kind == "linear":
-        return (inv / f32(scaling["factor"])).astype(f32), 1.0
+        return (inv / pos("factor")).astype(f32), 1.0
     if kind == "llama3":
-        factor = f32(scaling["factor"])
-        low = f32(scaling["low_freq_factor"])
-        high = f32(scaling["high_freq_factor"])
-        old = f32(scaling["original_max_position_embeddings"])
+        factor = pos("factor")
+        low = pos("low_freq_factor")
+        high = pos("high_freq_factor")
+        old = pos("original_max_position_embeddings")
+        if high == low:
+            raise ConfigError(f"{where}: llama3 rope scaling needs high_freq_factor != low_freq_factor")
         low_wavelen = old / low
         high_wavelen = old / high
         wavelen = f32(2 * math.pi) / inv
@@ -202,9 +210,16 @@ def from_hf_config(c: dict, where: str = "config.json") -> ModelConfig:
         arch = "GPT2LMHeadModel"
     if arch not in SUPPORTED_ARCHS:
         raise ConfigError(f"{where}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
-    if arch == "GPT2LMHeadModel":
-        return _gpt2(c, where)
-    return _llama_family(c, arch, where)
+    try:
+        if arch == "GPT2LMHeadModel":
+            return _gpt2(c, where)
+        return _llama_family(c, arch, where)
+    except ConfigError:
+        raise
+    except KeyError as e:
+        raise ConfigError(f"{where}: config lacks {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        raise ConfigError(f"{where}: bad config value ({e})") from None
 
 
 def _gpt2(c: dict, where: str) -> ModelConfig:
@@ -294,8 +309,10 @@ def _llama_family(c: dict, arch: str, where: str) -> ModelConfig:
         types = c.get("layer_types")
         if not types:
             pattern = int(c.get("sliding_window_pattern", 6))
+            if pattern < 1:
+                raise ConfigError(f"{where}: sliding_window_pattern must be >= 1")
             types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(L)]
-        if len(types) != L:
+        if not isinstance(types, list) or len(types) != L:
             raise ConfigError(f"{where}: layer_types has {len(types)} entries for {L} layers")
         sw = int(c.get("sliding_window") or 4096)
         windows = [sw if t == "sliding_attention" else 0 for t in types]
@@ -317,5 +334,8 @@ def _llama_family(c: dict, arch: str, where: str) -> ModelConfig:
         cfg.rope_inv_freq = inv[None, :]
         cfg.rope_mscale = np.array([ms], np.float32)
         cfg.layer_rope = [0] * L
+    for w in windows:
+        if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= 1 << 30:
+            raise ConfigError(f"{where}: sliding_window must be a non-negative integer, got {w!r}")
     cfg.layer_window = windows
     return cfg

@@ -50,9 +50,14 @@ class Intervention:
 def _tuple(x):
     if x is None:
         return None
-    if isinstance(x, (int, np.integer)):
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
         return (int(x),)
-    return tuple(int(v) for v in x)
+    out = []
+    for v in x:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"layers and positions must be integers, got {v!r}")
+        out.append(int(v))
+    return tuple(out)
 
 
 def _site(site):
@@ -103,11 +108,14 @@ def block_attention(layers, queries, keys, seq=None) -> Intervention:
     return Intervention("block", layers=_tuple(layers), queries=_tuple(queries), keys=_tuple(keys), seq=seq)
 
 
-def _norm_pos(pos, T, what):
+def _norm_pos(pos, T, what, unit="tokens"):
     out = np.asarray(pos, dtype=np.int64)
     out = np.where(out < 0, out + T, out)
     if out.size and (out.min() < 0 or out.max() >= T):
-        raise IndexError(f"{what}: position out of range for a sequence of {T} tokens")
+        bad = int(np.asarray(pos)[(out < 0) | (out >= T)][0])
+        if unit == "layers":
+            raise IndexError(f"{what}: layer {bad} is out of range for a model of {T} layers")
+        raise IndexError(f"{what}: position {bad} is out of range for a sequence of {T} tokens")
     return out
 
 
@@ -128,7 +136,7 @@ def compile_interventions(interventions, lens, n_layers: int, d: int):
                 raise IndexError(f"intervention for sequence {s} but the batch has {len(lens)}")
             T = lens[s]
             if iv.kind == "block":
-                lay = _norm_pos(iv.layers, n_layers, "block_attention layers")
+                lay = _norm_pos(iv.layers, n_layers, "block_attention", "layers")
                 q = _norm_pos(iv.queries, T, "block_attention queries")
                 k = _norm_pos(iv.keys, T, "block_attention keys")
                 g = np.stack(np.meshgrid(lay, q + row0[s], k, indexing="ij"), -1).reshape(-1, 3)
@@ -140,7 +148,7 @@ def compile_interventions(interventions, lens, n_layers: int, d: int):
                     raise ValueError("the 'embed' site has no layers")
                 lay = np.array([-1])
             else:
-                lay = np.arange(n_layers) if iv.layers is None else _norm_pos(iv.layers, n_layers, "layers")
+                lay = np.arange(n_layers) if iv.layers is None else _norm_pos(iv.layers, n_layers, iv.site, "layers")
             nl, npos = len(lay), len(pos)
             sites.append(np.full(nl * npos, SITES[iv.site], np.int32))
             layers_.append(np.repeat(lay, npos).astype(np.int32))

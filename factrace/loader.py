@@ -41,7 +41,7 @@ def _gpt2_weights(cfg: ModelConfig, ck: Checkpoint, used: set) -> dict:
     W["ln_f_w"] = get("ln_f.weight", (d,))
     W["ln_f_b"] = get("ln_f.bias", (d,))
     W["W_U"] = W["W_E"]
-    if "lm_head.weight" in ck.where:  # GPT-2 ties it; accept an identical copy
+    if "lm_head.weight" in ck.where:  # GPT-2 ties it: like transformers, a stored copy is not used
         used.add("lm_head.weight")
     for i in range(cfg.n_layers):
         b = f"blocks.{i}."
@@ -190,7 +190,10 @@ def resolve_repo_id(repo_id: str, revision: str = "main") -> Path:
             snap = repo / "snapshots" / commit
     elif re.fullmatch(r"[0-9a-f]{40}", revision):
         snap = repo / "snapshots" / revision
-    if snap is None or not snap.is_dir():
+    if snap is not None and not snap.is_dir():
+        raise FileNotFoundError(f"{repo}: revision {revision!r} points to snapshot {snap.name}, which is not in "
+                                f"the cache (factrace never downloads: `huggingface-cli download {repo_id}`)")
+    if snap is None:
         snaps = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime) if (repo / "snapshots").is_dir() else []
         if not snaps:
             raise FileNotFoundError(f"{repo}: no snapshot in the Hugging Face cache for {repo_id!r}")
@@ -230,7 +233,7 @@ def load(source, name: str | None = None):
         raise CheckpointError(f"{p}: not a model directory or a GGUF file")
     from . import packaged
 
-    if s in getattr(packaged, "KNOWN", {}):
+    if s in packaged.KNOWN or s in getattr(packaged, "ALIASES", {}):
         return load(packaged.resolve(s), name or s)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", s):
         return load_hf_dir(resolve_repo_id(s), name or s)

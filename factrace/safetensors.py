@@ -225,6 +225,8 @@ class Checkpoint:
         for name, fn in wm.items():
             if not isinstance(fn, str) or "/" in fn or "\\" in fn or fn in ("", ".", "..") or not fn.endswith(".safetensors"):
                 raise CheckpointError(f"{index}: tensor {name!r} points to a bad file name {fn!r}")
+            if not (self.dir / fn).is_file():
+                raise CheckpointError(f"{index}: tensor {name!r} points to {fn}, which does not exist in {self.dir}")
             f = self._open(fn)
             if name not in f.tensors:
                 raise CheckpointError(f"{index}: tensor {name!r} is not in {fn}")
