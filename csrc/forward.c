@@ -92,6 +92,64 @@ static void rope_head(float *x, int dh, int pos, const float *inv_freq, float ms
 /* ------------------------------------------------------------------------------------------ */
 /* attention                                                                                    */
 
+/* Sequences with at least this many new rows attend through matrix products (attend_heads_gemm). */
+#define ATTN_GEMM_MIN_ROWS 32
+
+/* Softmax of one row of scores in place, masked like the loop in attend_sequence: keys j < lo or
+ * j > pos or blocked (bl[j] = 1) get probability 0; s[j] = raw q.k for the others (scaled and softcapped
+ * here). Returns 0, or -1 (row zeroed) when every key is masked. Same float order as the loop. */
+static int softmax_row(float *s, int P, int lo, int pos, const unsigned char *bl, const Config *c) {
+    float mx = -INFINITY;
+    for (int j = 0; j < P; j++) {
+        if (j < lo || j > pos || (bl && bl[j])) {
+            s[j] = -INFINITY;
+            continue;
+        }
+        float v = s[j] * c->attn_scale;
+        if (c->attn_softcap > 0.0f) v = c->attn_softcap * tanhf(v / c->attn_softcap);
+        s[j] = v;
+        if (v > mx) mx = v;
+    }
+    if (mx == -INFINITY) {
+        memset(s, 0, sizeof(float) * P);
+        return -1;
+    }
+    float sum = 0.0f;
+    for (int j = 0; j < P; j++) {
+        float e = s[j] == -INFINITY ? 0.0f : expf(s[j] - mx);
+        s[j] = e;
+        sum += e;
+    }
+    float inv = 1.0f / sum;
+    for (int j = 0; j < P; j++) s[j] *= inv;
+    return 0;
+}
+
+/* attend_sequence through two sgemms per head (same arguments; sw: (n, P) scratch, or NULL when probs
+ * is given, whose (H, n, P) blocks are then used in place). Per head h with kv head kh:
+ *   S (n, P) = q[:, h] (n, dh; row stride H*dh) @ k[:, kh]^T (dh, P; k rows of stride KV*dh)
+ *   S = softmax_row(S[i]) per row (masked entries exactly 0)
+ *   z[:, h] (n, dh; row stride H*dh) = S (n, P) @ v[:, kh] (P, dh; row stride KV*dh)
+ * A fully masked row gives z = 0, like the loop. */
+static void attend_heads_gemm(float *z, float *probs, const float *q, const float *kall, const float *vall, int n,
+                              int start, const Config *c, int window, const unsigned char *blocked, float *sw) {
+    int H = c->n_heads, dh = c->d_head, kvd = c->n_kv_heads * dh, group = c->n_heads / c->n_kv_heads;
+    int qd = H * dh, P = start + n;
+    for (int h = 0; h < H; h++) {
+        int kh = h / group;
+        float *S = probs ? probs + (int64_t)h * n * P : sw;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, P, dh, 1.0f, q + h * dh, qd, kall + kh * dh, kvd,
+                    0.0f, S, P);
+        for (int i = 0; i < n; i++) {
+            int pos = start + i;
+            int lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
+            softmax_row(S + (int64_t)i * P, P, lo, pos, blocked ? blocked + (int64_t)i * P : NULL, c);
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, dh, P, 1.0f, S, P, vall + kh * dh, kvd, 0.0f,
+                    z + h * dh, qd);
+    }
+}
+
 /* Causal (optionally sliding-window) attention of one sequence for all heads.
  * q (n, H*dh) rows of this sequence at absolute positions start .. start+n-1 (row stride H*dh)
  * kall, vall (P, KV*dh) keys/values of positions 0 .. P-1 with P = start + n
@@ -101,6 +159,14 @@ static void attend_sequence(float *z, float *probs, const float *q, const float 
                             float *scores /* (P,) scratch */) {
     int H = c->n_heads, dh = c->d_head, kvd = c->n_kv_heads * dh, group = c->n_heads / c->n_kv_heads;
     int P = start + n;
+    if (n >= ATTN_GEMM_MIN_ROWS) { /* long sequence: matrix products per head */
+        float *sw = probs ? NULL : malloc(sizeof(float) * (size_t)n * P);
+        if (probs || sw) {
+            attend_heads_gemm(z, probs, q, kall, vall, n, start, c, window, blocked, sw);
+            free(sw);
+            return;
+        }
+    } /* short sequence (or no memory for the scratch): the loop */
     for (int h = 0; h < H; h++) {
         int kh = h / group;
         for (int i = 0; i < n; i++) {

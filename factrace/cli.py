@@ -1,0 +1,197 @@
+"""The ``factrace`` command line.
+
+Examples:
+  factrace run   --model smollm2 --prompt "The Eiffel Tower is located in the city of"
+  factrace trace --model smollm2 --prompt "The Eiffel Tower is located in the city of" \\
+                 --subject "The Eiffel Tower" --out out/
+  factrace dla   --model smollm2 --prompt "Fact: The Colosseum is in the country of" --subject "The Colosseum"
+  factrace lens  --model smollm2 --prompt "The capital of Japan is"
+  factrace report --model smollm2 --model gemma3-270m --dataset known_1000 --n 100 --out report/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _load(name):
+    import factrace
+
+    t0 = time.perf_counter()
+    m = factrace.load(name)
+    print(f"loaded {m} in {time.perf_counter() - t0:.1f}s (BLAS: {factrace.BLAS})", file=sys.stderr)
+    return m
+
+
+def _out_dir(path) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise SystemExit(f"factrace: --out {p} exists and is not a directory")
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def cmd_run(a):
+    m = _load(a.model)
+    ids = m.encode(a.prompt, add_special_tokens=not a.no_special_tokens)
+    r = m.run(ids, capture=True)
+    p = r.probs[-1]
+    top = np.argsort(-p)[: a.top]
+    print(f"prompt tokens ({len(ids)}): {m.token_strings(ids)}")
+    print("top next tokens:")
+    for t in top:
+        print(f"  {m.decode([t])!r:>16}  p={p[t]:.4f}  logit={r.logits[-1, t]:.3f}")
+    print("captured states:")
+    for n in ("embed", "resid_pre", "attn_out", "mlp_out", "head_out", "attn", "resid_final"):
+        a_ = getattr(r, n)
+        print(f"  {n:<12} {str(a_.shape):<22} |x|max={np.abs(a_).max():.3f}")
+    err = np.abs(r.embed + r.attn_out.sum(0) + r.mlp_out.sum(0) - r.resid_final).max()
+    print(f"resid_final - (embed + sum attn_out + sum mlp_out): max |err| = {err:.2e}")
+    out = _out_dir(a.out)
+    if out:
+        np.savez_compressed(out / "run.npz", ids=ids, logits=r.logits, resid_pre=r.resid_pre, attn_out=r.attn_out,
+                            mlp_out=r.mlp_out, resid_final=r.resid_final)
+        print(f"wrote {out / 'run.npz'}")
+
+
+def cmd_trace(a):
+    import factrace
+
+    m = _load(a.model)
+    kinds = a.kind or ["hidden", "mlp", "attn"]
+    t0 = time.perf_counter()
+    res = factrace.trace_all(m, a.prompt, a.subject, kinds=kinds, window=a.window, samples=a.samples,
+                             noise=float(a.noise) if a.noise[0].isdigit() else a.noise, seed=a.seed,
+                             add_special_tokens=not a.no_special_tokens)
+    dt = time.perf_counter() - t0
+    first = next(iter(res.values()))
+    b, e = first.subject_range
+    print(f"answer {first.answer_str!r}: clean p={first.high_score:.4f}, corrupted p={first.low_score:.4f} "
+          f"(noise {first.noise:.4f}, {first.samples} samples); subject tokens {b}..{e - 1}; {dt:.1f}s")
+    for kind, r in res.items():
+        eff = r.effect
+        t, l = np.unravel_index(np.argmax(eff), eff.shape)
+        print(f"  {kind:<6} strongest restoration: token {t} {r.tokens[t]!r}, layer {l}: effect {eff[t, l]:+.4f}; "
+              f"last subject token peaks at layer {int(np.argmax(eff[e - 1]))}")
+    out = _out_dir(a.out)
+    if out:
+        import pandas as pd
+
+        frames = []
+        for kind, r in res.items():
+            r.plot().savefig(out / f"trace_{kind}.png", bbox_inches="tight")
+            frames.append(r.to_frame())
+        pd.concat(frames).to_csv(out / "trace.csv", index=False)
+        print(f"wrote {out}/trace_*.png and trace.csv")
+
+
+def cmd_dla(a):
+    import factrace
+
+    m = _load(a.model)
+    res = factrace.dla(m, a.prompt, a.target, subject=a.subject)
+    print(res.summary() if hasattr(res, "summary") else res)
+    out = _out_dir(a.out)
+    if out:
+        res.frame.to_csv(out / "dla.csv", index=False) if hasattr(res, "frame") else None
+        for nm in ("plot", "plot_heads"):
+            if hasattr(res, nm):
+                getattr(res, nm)().savefig(out / f"dla_{nm}.png", bbox_inches="tight")
+        print(f"wrote {out}")
+
+
+def cmd_lens(a):
+    import factrace
+
+    m = _load(a.model)
+    res = factrace.logit_lens(m, a.prompt, target=a.target)
+    print(res.table() if hasattr(res, "table") else res)
+    out = _out_dir(a.out)
+    if out and hasattr(res, "plot"):
+        res.plot().savefig(out / "lens.png", bbox_inches="tight")
+        print(f"wrote {out / 'lens.png'}")
+
+
+def cmd_report(a):
+    from . import report
+
+    report.main_from_args(a)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="factrace", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("--model", required=True, help="model dir, .gguf file, cached repo id or short name (smollm2, ...)")
+        sp.add_argument("--prompt", required=True)
+        sp.add_argument("--out", help="directory for figures and tables")
+        sp.add_argument("--no-special-tokens", action="store_true", help="tokenize without BOS etc.")
+
+    r = sub.add_parser("run", help="top next tokens and the captured residual stream of a prompt",
+                       epilog='example: factrace run --model smollm2 --prompt "The capital of Japan is"')
+    common(r)
+    r.add_argument("--top", type=int, default=5)
+    r.set_defaults(fn=cmd_run)
+
+    t = sub.add_parser("trace", help="causal trace (hidden, mlp, attn) of a fact",
+                       epilog='example: factrace trace --model smollm2 --prompt "The Eiffel Tower is located in the '
+                              'city of" --subject "The Eiffel Tower" --out out/')
+    common(t)
+    t.add_argument("--subject", required=True)
+    t.add_argument("--kind", action="append", choices=["hidden", "mlp", "attn"], help="repeatable; default all")
+    t.add_argument("--window", type=int, default=10)
+    t.add_argument("--samples", type=int, default=10)
+    t.add_argument("--noise", default="s3", help="a number or s<k> (k x std of subject embeddings)")
+    t.add_argument("--seed", type=int, default=1)
+    t.set_defaults(fn=cmd_trace)
+
+    d = sub.add_parser("dla", help="direct logit attribution by component, head and source token",
+                       epilog='example: factrace dla --model smollm2 --prompt "Fact: The Colosseum is in the country of" '
+                              '--subject "The Colosseum"')
+    common(d)
+    d.add_argument("--subject")
+    d.add_argument("--target", help="target token (default: the model's prediction)")
+    d.set_defaults(fn=cmd_dla)
+
+    ln = sub.add_parser("lens", help="logit lens: top tokens per layer and position",
+                        epilog='example: factrace lens --model smollm2 --prompt "The capital of Japan is"')
+    common(ln)
+    ln.add_argument("--target")
+    ln.set_defaults(fn=cmd_lens)
+
+    rp = sub.add_parser("report", help="cross-architecture study report (restoration, severing, knockout, Gini)",
+                        epilog="example: factrace report --model smollm2 --model gemma3-270m --dataset known_1000 "
+                               "--n 100 --out report/")
+    try:
+        from . import report
+
+        report.add_arguments(rp)
+    except ImportError:
+        pass
+    rp.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError) as e:
+        print(f"factrace: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
