@@ -77,12 +77,15 @@ common = dict(
     extra_link_args=ldflags,
 )
 
+# OpenMP threads the non-GEMM loops of the forward pass (attention of short sequences, norms,
+# activations); FACTRACE_OPENMP=0 builds without it.
+omp = [] if os.environ.get("FACTRACE_OPENMP", "1") == "0" else ["-fopenmp"]
 core = Extension(
     "factrace._core",
     sources=["csrc/module.c", "csrc/forward.c", "csrc/convert.c"],
     library_dirs=blas["library_dirs"],
     libraries=blas["libraries"] + ["m"],
-    **{**common, "extra_link_args": ldflags + blas["extra_link_args"]},
+    **{**common, "extra_compile_args": cflags + omp, "extra_link_args": ldflags + omp + blas["extra_link_args"]},
 )
 gguf_sources = [p for p in ("csrc/gguf.c", "csrc/quant.c", "csrc/gguf_module.c") if os.path.exists(p)]
 exts = [core]

@@ -8,6 +8,9 @@
 #include "blas.h"
 #include "factrace.h"
 
+/* Element counts below which loops stay on one thread (OpenMP, when built with it). */
+#define PAR_MIN (1 << 15)
+
 /* ------------------------------------------------------------------------------------------ */
 /* elementary operations                                                                       */
 
@@ -18,6 +21,7 @@ static void matmul(float *out, const float *x, const float *W, const float *bias
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, n_out, n_in, 1.0f, x, n_in, W, n_in, 0.0f,
                 out, n_out);
     if (bias)
+#pragma omp parallel for schedule(static) if (N * n_out > PAR_MIN)
         for (int64_t i = 0; i < N; i++) {
             float *o = out + i * n_out;
             for (int j = 0; j < n_out; j++) o[j] += bias[j];
@@ -57,6 +61,7 @@ static float norm_row(float *out, const float *x, int d, const float *w, const f
 /* out (N, d) = norm(x (N, d)); scale (N,) optional */
 static void norm_rows(float *out, float *scale, const float *x, int64_t N, int d, const float *w,
                       const float *b, float eps, int kind) {
+#pragma omp parallel for schedule(static) if (N * d > PAR_MIN)
     for (int64_t i = 0; i < N; i++) {
         float rs = norm_row(out + i * d, x + i * d, d, w, b, eps, kind);
         if (scale) scale[i] = rs;
@@ -225,18 +230,76 @@ static void apply_patches(float *x, int d, int site, int layer, const Patch *p, 
     }
 }
 
+/* One layer's attention for every sequence of the batch (in parallel over sequences when all are
+ * short). q (N, H*dh), k, v (N, KV*dh) this layer's new rows; each sequence's keys/values are its
+ * prefix cache rows followed by its new rows. z (N, H*dh) output; probs (H, attn_total) optional, laid
+ * out per head as each sequence's (n, P) block at attn_off[s]. Returns 0, or -1 if out of memory. */
+static int attention_layer(float *z, float *probs, int64_t attn_total, const float *q, const float *k,
+                           const float *v, const Batch *b, int l, const Config *c, const EdgeBlock *blocks,
+                           int64_t n_blocks, const int64_t *row0, const int64_t *attn_off, int parallel) {
+    int H = c->n_heads, kvd = c->n_kv_heads * c->d_head, qd = H * c->d_head;
+    int window = c->layer_window ? c->layer_window[l] : 0;
+    int failed = 0;
+#pragma omp parallel if (parallel && b->n_seq > 1)
+    {
+        int64_t maxP = 0;
+        for (int i = 0; i < b->n_seq; i++)
+            if ((int64_t)b->start[i] + b->len[i] > maxP) maxP = (int64_t)b->start[i] + b->len[i];
+        int64_t maxn = 0;
+        for (int i = 0; i < b->n_seq; i++)
+            if (b->len[i] > maxn) maxn = b->len[i];
+        /* per-thread scratch: keys/values (P, KV*dh), scores (P,), blocked (n, P), probs (H, n, P) */
+        float *kall = malloc(sizeof(float) * maxP * kvd), *vall = malloc(sizeof(float) * maxP * kvd);
+        float *scores = malloc(sizeof(float) * (maxP + 1));
+        unsigned char *blocked = n_blocks > 0 ? malloc((size_t)(maxn * maxP)) : NULL;
+        float *tmp = probs ? malloc(sizeof(float) * (size_t)H * maxn * maxP) : NULL;
+        int ok = kall && vall && scores && (n_blocks == 0 || blocked) && (!probs || tmp);
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 4)
+        for (int i = 0; i < b->n_seq; i++) {
+            if (!ok) continue;
+            int n = b->len[i], st = b->start[i], P = st + n;
+            int64_t r0 = row0[i];
+            if (st > 0) {
+                memcpy(kall, b->pk[i] + l * b->pstride, sizeof(float) * st * kvd);
+                memcpy(vall, b->pv[i] + l * b->pstride, sizeof(float) * st * kvd);
+            }
+            memcpy(kall + (int64_t)st * kvd, k + r0 * kvd, sizeof(float) * n * kvd);
+            memcpy(vall + (int64_t)st * kvd, v + r0 * kvd, sizeof(float) * n * kvd);
+            unsigned char *blk = NULL;
+            for (int64_t e = 0; e < n_blocks; e++) {
+                const EdgeBlock *eb = &blocks[e];
+                if (eb->layer != l || eb->row < r0 || eb->row >= r0 + n || eb->key < 0 || eb->key >= P) continue;
+                if (!blk) memset(blocked, 0, (size_t)n * P);
+                blk = blocked;
+                blocked[(eb->row - r0) * P + eb->key] = 1;
+            }
+            attend_sequence(z + r0 * qd, tmp, q + r0 * qd, kall, vall, n, st, c, window, blk, scores);
+            if (tmp) /* layout (H, attn_total): per head, this sequence's (n, P) block */
+                for (int h = 0; h < H; h++)
+                    memcpy(probs + (int64_t)h * attn_total + attn_off[i], tmp + (int64_t)h * n * P,
+                           sizeof(float) * n * P);
+        }
+        free(kall); free(vall); free(scores); free(blocked); free(tmp);
+    }
+    return failed ? -1 : 0;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* the forward pass                                                                             */
 
 typedef struct {
-    float *x, *h, *q, *k, *v, *z, *a, *up, *gate, *scores, *kall, *vall, *tmp, *rs;
-    unsigned char *blocked;
+    float *x, *h, *q, *k, *v, *z, *a, *up, *gate, *tmp, *rs;
+    int64_t *row0, *attn_off; /* (S,) first row and attention-probability offset of each sequence */
+    int *pos;                 /* (N,) absolute position of each row */
 } Scratch;
 
 static void scratch_free(Scratch *s) {
     free(s->x); free(s->h); free(s->q); free(s->k); free(s->v); free(s->z); free(s->a);
-    free(s->up); free(s->gate); free(s->scores); free(s->kall); free(s->vall); free(s->tmp); free(s->rs);
-    free(s->blocked);
+    free(s->up); free(s->gate); free(s->tmp); free(s->rs); free(s->row0); free(s->attn_off); free(s->pos);
 }
 
 #define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); goto done; } while (0)
@@ -272,13 +335,20 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
     s.gate = malloc(sizeof(float) * N * F);
     s.tmp = malloc(sizeof(float) * ((cap->logit_rows && cap->n_logit_rows > N) ? cap->n_logit_rows : N) * d);
     s.rs = malloc(sizeof(float) * (N + 1));
-    s.scores = malloc(sizeof(float) * (maxP + 1));
-    s.kall = malloc(sizeof(float) * maxP * kvd);
-    s.vall = malloc(sizeof(float) * maxP * kvd);
-    if (n_blocks > 0) s.blocked = calloc((size_t)(maxn * maxP), 1);
-    if (!s.x || !s.h || !s.a || !s.q || !s.z || !s.k || !s.v || !s.up || !s.gate || !s.tmp || !s.rs ||
-        !s.scores || !s.kall || !s.vall || (n_blocks > 0 && !s.blocked))
+    s.row0 = malloc(sizeof(int64_t) * b->n_seq);
+    s.attn_off = malloc(sizeof(int64_t) * b->n_seq);
+    s.pos = malloc(sizeof(int) * (N + 1));
+    if (!s.x || !s.h || !s.a || !s.q || !s.z || !s.k || !s.v || !s.up || !s.gate || !s.tmp || !s.rs || !s.row0 ||
+        !s.attn_off || !s.pos)
         FAIL("out of memory for a batch of %lld rows", (long long)N);
+    int64_t *row0 = s.row0, *attn_off = s.attn_off;
+    for (int64_t i = 0, r = 0, off = 0; i < b->n_seq; i++) {
+        row0[i] = r;
+        attn_off[i] = off;
+        for (int t = 0; t < b->len[i]; t++) s.pos[r + t] = b->start[i] + t;
+        r += b->len[i];
+        off += (int64_t)b->len[i] * (b->start[i] + b->len[i]);
+    }
 
     /* --- embeddings, or the given residual stream entering block start_layer ------------------ */
     if (!resid_in) {
@@ -316,8 +386,10 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
         matmul(s.k, s.h, lw->W_K, lw->b_K, N, d, kvd);
         matmul(s.v, s.h, lw->W_V, lw->b_V, N, d, kvd);
         if (c->qk_norm) {
+#pragma omp parallel for schedule(static) if (N * qd > PAR_MIN)
             for (int64_t i = 0; i < N * H; i++)
                 norm_row(s.q + i * dh, s.q + i * dh, dh, lw->q_norm_w, NULL, c->norm_eps, NORM_RMS);
+#pragma omp parallel for schedule(static) if (N * kvd > PAR_MIN)
             for (int64_t i = 0; i < N * KV; i++)
                 norm_row(s.k + i * dh, s.k + i * dh, dh, lw->k_norm_w, NULL, c->norm_eps, NORM_RMS);
         }
@@ -325,58 +397,19 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
             int tbl = c->layer_rope ? c->layer_rope[l] : 0;
             const float *inv = c->rope_inv_freq + (int64_t)tbl * (dh / 2);
             float ms = c->rope_mscale[tbl];
-            int64_t r = 0;
-            for (int i = 0; i < b->n_seq; i++)
-                for (int t = 0; t < b->len[i]; t++, r++) {
-                    int pos = b->start[i] + t;
-                    for (int h = 0; h < H; h++) rope_head(s.q + r * qd + h * dh, dh, pos, inv, ms);
-                    for (int h = 0; h < KV; h++) rope_head(s.k + r * kvd + h * dh, dh, pos, inv, ms);
-                }
+#pragma omp parallel for schedule(static) if (N * (H + KV) * dh > PAR_MIN)
+            for (int64_t r = 0; r < N; r++) {
+                for (int h = 0; h < H; h++) rope_head(s.q + r * qd + h * dh, dh, s.pos[r], inv, ms);
+                for (int h = 0; h < KV; h++) rope_head(s.k + r * kvd + h * dh, dh, s.pos[r], inv, ms);
+            }
         }
         if (cap->k_cache) memcpy(cap->k_cache + LN * kvd, s.k, sizeof(float) * N * kvd);
         if (cap->v_cache) memcpy(cap->v_cache + LN * kvd, s.v, sizeof(float) * N * kvd);
 
         /* per sequence: gather prefix + new keys/values, attend */
-        int window = c->layer_window ? c->layer_window[l] : 0;
-        int64_t r0 = 0, attn_off = 0;
-        for (int i = 0; i < b->n_seq; i++) {
-            int n = b->len[i], st = b->start[i], P = st + n;
-            if (st > 0) {
-                memcpy(s.kall, b->pk[i] + l * b->pstride, sizeof(float) * st * kvd);
-                memcpy(s.vall, b->pv[i] + l * b->pstride, sizeof(float) * st * kvd);
-            }
-            memcpy(s.kall + (int64_t)st * kvd, s.k + r0 * kvd, sizeof(float) * n * kvd);
-            memcpy(s.vall + (int64_t)st * kvd, s.v + r0 * kvd, sizeof(float) * n * kvd);
-            unsigned char *blk = NULL;
-            if (n_blocks > 0) {
-                int any = 0;
-                for (int64_t e = 0; e < n_blocks; e++) {
-                    const EdgeBlock *eb = &blocks[e];
-                    if (eb->layer != l || eb->row < r0 || eb->row >= r0 + n || eb->key < 0 || eb->key >= P) continue;
-                    if (!any) memset(s.blocked, 0, (size_t)n * P);
-                    any = 1;
-                    s.blocked[(eb->row - r0) * P + eb->key] = 1;
-                }
-                if (any) blk = s.blocked;
-            }
-            float *pr = NULL;
-            float *tmp_probs = NULL;
-            if (cap->attn) {
-                /* layout (L, H, sum n*P): per layer, per head, this sequence's (n, P) block */
-                tmp_probs = malloc(sizeof(float) * (size_t)H * n * P);
-                if (!tmp_probs) FAIL("out of memory for attention probabilities");
-                pr = tmp_probs;
-            }
-            attend_sequence(s.z + r0 * qd, pr, s.q + r0 * qd, s.kall, s.vall, n, st, c, window, blk, s.scores);
-            if (tmp_probs) {
-                for (int h = 0; h < H; h++)
-                    memcpy(cap->attn + ((int64_t)l * H + h) * attn_total + attn_off, tmp_probs + (int64_t)h * n * P,
-                           sizeof(float) * n * P);
-                free(tmp_probs);
-            }
-            r0 += n;
-            attn_off += (int64_t)n * P;
-        }
+        if (attention_layer(s.z, cap->attn ? cap->attn + (int64_t)l * H * attn_total : NULL, attn_total, s.q, s.k,
+                            s.v, b, l, c, blocks, n_blocks, row0, attn_off, maxn < ATTN_GEMM_MIN_ROWS))
+            FAIL("out of memory in attention");
         if (cap->z) memcpy(cap->z + LN * qd, s.z, sizeof(float) * N * qd);
 
         /* attn_out = z W_O^T + b_O (Gemma: then the post-attention norm) */
@@ -398,6 +431,7 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
         }
         apply_patches(s.a, d, SITE_ATTN_OUT, l, patches, n_patches);
         if (cap->attn_out) memcpy(cap->attn_out + LN * d, s.a, sizeof(float) * N * d);
+#pragma omp parallel for schedule(static) if (N * d > PAR_MIN)
         for (int64_t i = 0; i < N * d; i++) s.x[i] += s.a[i];
         if (cap->resid_mid) memcpy(cap->resid_mid + LN * d, s.x, sizeof(float) * N * d);
 
@@ -406,14 +440,17 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
         matmul(s.up, s.h, lw->W_up, lw->b_up, N, d, F);
         if (c->gated_mlp) {
             matmul(s.gate, s.h, lw->W_gate, lw->b_gate, N, d, F);
+#pragma omp parallel for schedule(static) if (N * F > PAR_MIN)
             for (int64_t i = 0; i < N * F; i++) s.up[i] = act_one(s.gate[i], c->act) * s.up[i];
         } else {
+#pragma omp parallel for schedule(static) if (N * F > PAR_MIN)
             for (int64_t i = 0; i < N * F; i++) s.up[i] = act_one(s.up[i], c->act);
         }
         matmul(s.a, s.up, lw->W_down, lw->b_down, N, F, d);
         if (c->post_norms) norm_rows(s.a, NULL, s.a, N, d, lw->post_mlp_norm_w, NULL, c->norm_eps, NORM_RMS);
         apply_patches(s.a, d, SITE_MLP_OUT, l, patches, n_patches);
         if (cap->mlp_out) memcpy(cap->mlp_out + LN * d, s.a, sizeof(float) * N * d);
+#pragma omp parallel for schedule(static) if (N * d > PAR_MIN)
         for (int64_t i = 0; i < N * d; i++) s.x[i] += s.a[i];
         apply_patches(s.x, d, SITE_RESID_POST, l, patches, n_patches);
     }

@@ -11,6 +11,9 @@
 
 #include "blas.h"
 #include "factrace.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #ifndef FACTRACE_BLAS_NAME
 #define FACTRACE_BLAS_NAME "unknown"
@@ -506,6 +509,9 @@ static PyObject *py_set_num_threads(PyObject *mod, PyObject *args) {
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
     if (n < 1) { PyErr_SetString(PyExc_ValueError, "threads must be >= 1"); return NULL; }
     openblas_set_num_threads(n);
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
     Py_RETURN_NONE;
 }
 
@@ -514,7 +520,7 @@ static PyObject *py_get_num_threads(PyObject *mod, PyObject *args) { return PyLo
 static PyMethodDef module_methods[] = {
     {"convert", py_convert, METH_VARARGS, "convert(raw_uint16, 'f16'|'bf16') -> float32 array (exact)"},
     {"sgemm", py_sgemm, METH_VARARGS, "sgemm(a (M,K), b (N,K)) -> a @ b.T computed by the linked OpenBLAS"},
-    {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n): OpenBLAS threads"},
+    {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n): OpenBLAS and OpenMP threads"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> OpenBLAS threads"},
     {NULL, NULL, 0, NULL}};
 
