@@ -121,10 +121,9 @@ def _default_subjects() -> tuple:
 
 def _softmax_prob(logits: np.ndarray, token: int) -> np.ndarray:
     """(R,) probability of ``token`` under softmax over the full vocabulary of each row of (R, V)."""
-    x = logits.astype(np.float64)
-    mx = x.max(-1, keepdims=True)
-    lse = np.log(np.exp(x - mx).sum(-1)) + mx[:, 0]
-    return np.exp(x[:, token] - lse)
+    mx = logits.max(-1, keepdims=True)
+    z = np.exp(logits - mx).sum(-1, dtype=np.float64)  # exp in float32 (as torch), sum in float64
+    return np.exp(logits[:, token].astype(np.float64) - mx[:, 0] - np.log(z))
 
 
 # ---------------------------------------------------------------------------------------------
