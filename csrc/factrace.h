@@ -107,9 +107,11 @@ typedef struct {
     Weights w;
 } Model;
 
-/* forward.c: runs blocks start_layer .. L-1 on the embeddings of ids, or on resid_in (N, d) if given */
+/* forward.c: runs blocks start_layer .. end_layer-1 on the embeddings of ids, or on resid_in (N, d) if
+ * given. With end_layer < L the pass stops there: resid_final receives the residual stream after block
+ * end_layer-1 and no logits are computed. */
 int model_forward(const Model *m, const Batch *b, const int32_t *ids, const float *resid_in,
-                  int start_layer, const Patch *patches, int64_t n_patches,
+                  int start_layer, int end_layer, const Patch *patches, int64_t n_patches,
                   const EdgeBlock *blocks, int64_t n_blocks, Capture *cap, char *err, size_t errlen);
 
 /* convert.c: storage formats to float32 */

@@ -304,7 +304,7 @@ static void scratch_free(Scratch *s) {
 
 #define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); goto done; } while (0)
 
-int model_forward(const Model *m, const Batch *b, const int32_t *ids, const float *resid_in, int start_layer,
+int model_forward(const Model *m, const Batch *b, const int32_t *ids, const float *resid_in, int start_layer, int end_layer,
                   const Patch *patches, int64_t n_patches, const EdgeBlock *blocks, int64_t n_blocks,
                   Capture *cap, char *err, size_t errlen) {
     const Config *c = &m->cfg;
@@ -375,7 +375,7 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
     }
 
     /* --- blocks ------------------------------------------------------------------------------ */
-    for (int l = start_layer; l < L; l++) {
+    for (int l = start_layer; l < end_layer; l++) {
         const LayerWeights *lw = &w->layers[l];
         int64_t LN = (int64_t)l * N;
         if (cap->resid_pre) memcpy(cap->resid_pre + LN * d, s.x, sizeof(float) * N * d);
@@ -457,7 +457,7 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
     if (cap->resid_final) memcpy(cap->resid_final, s.x, sizeof(float) * N * d);
 
     /* --- final norm and unembedding of the wanted rows ---------------------------------------- */
-    if (cap->logits || cap->final_scale) {
+    if ((cap->logits || cap->final_scale) && end_layer == L) {
         int64_t nr = cap->logit_rows ? cap->n_logit_rows : N;
         for (int64_t i = 0; i < nr; i++) {
             int64_t r = cap->logit_rows ? cap->logit_rows[i] : i;

@@ -247,14 +247,14 @@ static float *out_array(PyObject *capd, const char *key, int64_t n) {
 static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"seq_lens", "ids", "resid_in", "seq_starts", "start_layer", "prefix_k", "prefix_v",
                              "prefix_rows", "patch_site", "patch_layer", "patch_row", "patch_op", "patch_value",
-                             "blocks", "capture", "logit_rows", NULL};
+                             "blocks", "capture", "logit_rows", "end_layer", NULL};
     PyObject *o_lens, *o_ids = NULL, *o_resid = NULL, *o_starts = NULL, *o_pk = NULL, *o_pv = NULL, *o_prow = NULL;
     PyObject *o_ps = NULL, *o_pl = NULL, *o_pr = NULL, *o_po = NULL, *o_pval = NULL, *o_blocks = NULL, *capd = NULL;
     PyObject *o_lrows = NULL;
-    int start_layer = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OOOiOOOOOOOOOO!O", kwlist, &o_lens, &o_ids, &o_resid, &o_starts,
+    int start_layer = 0, end_layer = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OOOiOOOOOOOOOO!Oi", kwlist, &o_lens, &o_ids, &o_resid, &o_starts,
                                      &start_layer, &o_pk, &o_pv, &o_prow, &o_ps, &o_pl, &o_pr, &o_po, &o_pval,
-                                     &o_blocks, &PyDict_Type, &capd, &o_lrows))
+                                     &o_blocks, &PyDict_Type, &capd, &o_lrows, &end_layer))
         return NULL;
     if (!self->refs) { PyErr_SetString(PyExc_RuntimeError, "Model not initialised"); return NULL; }
     const Config *c = &self->m.cfg;
@@ -296,7 +296,9 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
         N += len[i];
         attn_total += (int64_t)len[i] * (st[i] + len[i]);
     }
+    if (end_layer < 0) end_layer = L;
     if (start_layer < 0 || start_layer > L) { PyErr_Format(PyExc_ValueError, "start_layer %d outside [0, %d]", start_layer, L); goto done; }
+    if (end_layer < start_layer || end_layer > L) { PyErr_Format(PyExc_ValueError, "end_layer %d outside [%d, %d]", end_layer, start_layer, L); goto done; }
     resid = in_array(o_resid, NPY_FLOAT32, 2, "resid_in");
     if (PyErr_Occurred()) goto done;
     if (resid) {
@@ -417,7 +419,7 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
     char err[256] = "";
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = model_forward(&self->m, &b, ids ? PyArray_DATA(ids) : NULL, resid ? PyArray_DATA(resid) : NULL, start_layer,
+    rc = model_forward(&self->m, &b, ids ? PyArray_DATA(ids) : NULL, resid ? PyArray_DATA(resid) : NULL, start_layer, end_layer,
                        patches, np, blocks, nb, &cap, err, sizeof err);
     Py_END_ALLOW_THREADS
     if (rc) {
@@ -438,7 +440,7 @@ static PyMethodDef Model_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))Model_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(seq_lens, ids=None, resid_in=None, seq_starts=None, start_layer=0, prefix_k=None, prefix_v=None,\n"
      "        prefix_rows=None, patch_site=None, patch_layer=None, patch_row=None, patch_op=None, patch_value=None,\n"
-     "        blocks=None, capture=None, logit_rows=None)\n"
+     "        blocks=None, capture=None, logit_rows=None, end_layer=n_layers)\n"
      "Low-level batched forward pass writing into the preallocated float32 arrays of `capture`. Use factrace.Model.run."},
     {NULL, NULL, 0, NULL}};
 

@@ -247,7 +247,7 @@ class _Tracer:
         vals = self.noised_embeddings(nz).reshape(-1, d)
         rows = (np.arange(S)[:, None] * T + np.arange(self.b, self.e)[None]).reshape(-1).astype(np.int64)
         n = len(rows)
-        cap = {k: np.empty((L, N, d), np.float32) for k in ("resid_pre", "attn_out", "mlp_out")}
+        cap = {k: np.empty((L, N, d), np.float32) for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out")}
         cap["resid_final"] = np.empty((N, d), np.float32)
         cap["k_cache"] = np.empty((L, N, self.kvd), np.float32)
         cap["v_cache"] = np.empty((L, N, self.kvd), np.float32)
@@ -260,23 +260,29 @@ class _Tracer:
         return dict(cap, post=post, probs=_softmax_prob(cap["logits"], self.answer), noised=vals)
 
     # -- fast restoration of many cells in one C call --------------------------------------------
-    def _restore(self, start_layer, positions, first_rows_value=None, base=0, patches=None):
-        """Run, for every position t in ``positions`` and every sample s, the corrupted sequence from
-        ``start_layer`` on at positions t .. T-1 (earlier keys/values from the corrupted cache), with
-        row t of the input replaced by ``first_rows_value[t]`` (if given) and ``patches(t_index,
-        seq_row0) -> list of (site, layer, row, value)`` applied. Returns (len(positions),) mean probs."""
-        S, T, d = self.S, self.T, self.d
+    def _restore(self, start_layer, positions, first_rows_value=None, base=0, patches=None, end_layer=None,
+                 inputs=None):
+        """Run, for every position t in ``positions`` and every sample s, the corrupted sequence through
+        blocks ``start_layer`` .. ``end_layer``-1 at positions t .. T-1 only (earlier keys and values
+        come from the corrupted run's cache), with row t of the input replaced by
+        ``first_rows_value[t_index]`` ((n_t, d) or (n_t, S, d)) and ``patches(t_index, s) -> [(site,
+        layer, value)]`` applied to row t. ``inputs`` (R, d) replaces the corrupted input rows.
+        Returns (len(positions),) mean answer probabilities, or with ``end_layer < L`` the output rows."""
+        S, T, L = self.S, self.T, self.L
+        end_layer = L if end_layer is None else end_layer
         cor = self.corrupt[base]
-        src = cor["resid_pre"][start_layer] if start_layer < self.L else cor["resid_final"]
-        lens, starts, prows, inputs, last = [], [], [], [], []
+        src = cor["resid_pre"][start_layer] if start_layer < L else cor["resid_final"]
+        lens, starts, prows, parts, last = [], [], [], [], []
         row = 0
         p_site, p_layer, p_row, p_val = [], [], [], []
         for ti, t in enumerate(positions):
             for s in range(S):
-                x = src[s * T + t: s * T + T].copy()
-                if first_rows_value is not None:
-                    x[0] = first_rows_value[ti]
-                inputs.append(x)
+                if inputs is None:
+                    x = src[s * T + t: s * T + T].copy()
+                    if first_rows_value is not None:
+                        fv = first_rows_value[ti]
+                        x[0] = fv[s] if fv.ndim == 2 else fv
+                    parts.append(x)
                 lens.append(T - t)
                 starts.append(t)
                 prows.append(s * T)
@@ -293,12 +299,19 @@ class _Tracer:
             kw = dict(patch_site=np.array(p_site, np.int32), patch_layer=np.array(p_layer, np.int32),
                       patch_row=np.array(p_row, np.int64), patch_op=np.zeros(len(p_site), np.int32),
                       patch_value=np.ascontiguousarray(np.stack(p_val), dtype=np.float32))
-        logits = np.empty((len(last), self.m.config.vocab_size), np.float32)
-        self.m._core.forward(np.array(lens, np.int32), resid_in=np.concatenate(inputs), start_layer=start_layer,
+        x_in = np.concatenate(parts) if inputs is None else inputs
+        if end_layer < L:
+            out = np.empty((row, self.d), np.float32)
+            cap, lrows = {"resid_final": out}, None
+        else:
+            out = np.empty((len(last), self.m.config.vocab_size), np.float32)
+            cap, lrows = {"logits": out}, np.array(last, np.int64)
+        self.m._core.forward(np.array(lens, np.int32), resid_in=x_in, start_layer=start_layer, end_layer=end_layer,
                              seq_starts=np.array(starts, np.int32), prefix_k=cor["k_cache"], prefix_v=cor["v_cache"],
-                             prefix_rows=np.array(prows, np.int64), capture={"logits": logits},
-                             logit_rows=np.array(last, np.int64), **kw)
-        return _softmax_prob(logits, self.answer).reshape(len(positions), S).mean(1)
+                             prefix_rows=np.array(prows, np.int64), capture=cap, logit_rows=lrows, **kw)
+        if end_layer < L:
+            return out
+        return _softmax_prob(out, self.answer).reshape(len(positions), S).mean(1)
 
     def hidden_scores(self) -> np.ndarray:
         T, L = self.T, self.L
@@ -311,16 +324,48 @@ class _Tracer:
         return scores
 
     def window_scores(self, kind: str, window: int) -> np.ndarray:
-        T, L = self.T, self.L
+        """Cells (t, l) restore the ``kind`` output at position t in layers lo(l) .. hi(l)-1. Two savings
+        on top of _restore: (1) an MLP restoration changes only row t at layer lo, so the run starts at
+        lo + 1 with that row precomputed; (2) the cells whose window starts at layer 0 share the layers
+        up to the smallest hi, computed once (a trunk), then branch."""
+        T, L, S, d = self.T, self.L, self.S, self.d
         site = iv.SITES[kind + "_out"]
         clean = self.clean.mlp_out if kind == "mlp" else self.clean.attn_out
+        cor = self.corrupt[0]
         scores = np.full((T, L), self.low)
         ts = list(range(self.b, T))
+        lo_of = lambda l: max(0, l - window // 2)  # noqa: E731
+        hi_of = lambda l: min(L, l - (-window // 2))  # noqa: E731
+
+        def entry(lo):
+            """(start layer, first-row values (n_t, S, d) or None) for a restoration starting at lo."""
+            if kind != "mlp":
+                return lo, None
+            mid = cor["resid_mid"][lo].reshape(S, T, d)[:, self.b:]          # (S, n_t, d)
+            first = (mid + clean[lo, self.b:][None]).transpose(1, 0, 2)        # (n_t, S, d), float32 add as in C
+            return lo + 1, first
+
+        def patch_fn(layers):
+            return lambda ti, s: [(site, j, clean[j, ts[ti]]) for j in layers]
+
+        trunk_cells = [l for l in range(L) if lo_of(l) == 0]
+        h0 = min(hi_of(l) for l in trunk_cells)
+        start, first = entry(0)
+        if h0 == L:  # every lo == 0 cell restores the same layers
+            p = self._restore(start, ts, first_rows_value=first, patches=patch_fn(range(start, L)))
+            for l in trunk_cells:
+                scores[self.b:, l] = p
+        else:
+            x = self._restore(start, ts, first_rows_value=first, patches=patch_fn(range(start, h0)), end_layer=h0)
+            for l in trunk_cells:
+                scores[self.b:, l] = self._restore(h0, ts, inputs=x, patches=patch_fn(range(h0, hi_of(l))))
         for l in range(L):
-            lo, hi = max(0, l - window // 2), min(L, l - (-window // 2))
-            layers = range(lo, hi)
-            scores[self.b:, l] = self._restore(
-                lo, ts, patches=lambda ti, s: [(site, j, clean[j, ts[ti]]) for j in layers])
+            lo = lo_of(l)
+            if lo == 0:
+                continue
+            start, first = entry(lo)
+            scores[self.b:, l] = self._restore(start, ts, first_rows_value=first,
+                                               patches=patch_fn(range(start, hi_of(l))))
         return scores
 
     # -- naive: every cell a full forward pass of the S corrupted rows ----------------------------
