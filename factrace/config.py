@@ -200,9 +200,12 @@ def from_hf_config(c: dict, where: str = "config.json") -> ModelConfig:
     if not isinstance(c, dict):
         raise ConfigError(f"{where}: expected a JSON object")
     archs = c.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{where}: architectures must be a list of strings, not {archs!r:.80}")
     arch = archs[0] if archs else None
     if arch is None:
         mt = c.get("model_type")
+        mt = mt if isinstance(mt, str) else None
         arch = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
                 "gemma3_text": "Gemma3ForCausalLM"}.get(mt)

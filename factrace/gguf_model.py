@@ -102,11 +102,20 @@ def load_gguf(path, name: str | None = None):
     path = Path(path)
     with GGUFFile(path) as f:
         md, tensors = f.metadata, f.tensors
-        raw = hf_config_from_gguf(md, tensors, path)
+        try:
+            raw = hf_config_from_gguf(md, tensors, path)
+        except (ConfigError, GGUFError):
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
+            # metadata of an unexpected type (a string where a count belongs, an array for a scalar ...)
+            raise ConfigError(f"{path}: bad GGUF metadata value ({type(e).__name__}: {e})") from None
         if raw.pop("_rope_freqs", False):
             raise ConfigError(f"{path}: llama3 rope frequency factors (rope_freqs.weight) are not supported yet")
         cfg = from_hf_config(raw, where=str(path))
         arch = md["general.architecture"]
+        from .loader import check_memory
+
+        check_memory(sum(int(t.n_elements) for t in tensors.values()), path)  # before any tensor is converted
         W = _weights(f, cfg, arch, path)
         tk = None
         if "tokenizer.ggml.model" in md:

@@ -333,4 +333,9 @@ def load_tokenizer(metadata: Mapping[str, Any]) -> tuple[Tokenizer, SpecialToken
     """``(build_tokenizer(metadata), special_tokens(metadata))``.
 
     ``metadata`` values may be lists or NumPy arrays (numeric arrays) and Python or NumPy scalars."""
-    return build_tokenizer(metadata), special_tokens(metadata)
+    try:
+        return build_tokenizer(metadata), special_tokens(metadata)
+    except (ValueError, KeyError, TypeError):
+        raise
+    except Exception as e:  # the tokenizers library raises plain Exception for inconsistent vocabularies
+        raise ValueError(f"tokenizers rejected the vocabulary ({e})") from None

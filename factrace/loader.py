@@ -17,6 +17,50 @@ from .safetensors import Checkpoint, CheckpointError
 IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
 
 
+class ModelTooLargeError(CheckpointError, MemoryError):
+    """The checkpoint's weights as float32 would need more memory than is available (raised before any
+    tensor is converted). Both a :class:`CheckpointError` and a :class:`MemoryError`."""
+
+
+def available_memory() -> int | None:
+    """Bytes the loader may use: ``FACTRACE_MAX_BYTES`` if set, else MemAvailable of /proc/meminfo (capped
+    by the cgroup v2 memory limit when there is one); None when unknown (no check)."""
+    env = os.environ.get("FACTRACE_MAX_BYTES")
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise ValueError(f"FACTRACE_MAX_BYTES={env!r} is not a number of bytes") from None
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        lim = open("/sys/fs/cgroup/memory.max").read().strip()
+        cur = int(open("/sys/fs/cgroup/memory.current").read())
+        if lim != "max" and avail is not None:
+            avail = min(avail, max(0, int(lim) - cur))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def check_memory(n_elements: int, where) -> None:
+    """Refuse (ModelTooLargeError) a model whose ``n_elements`` float32 weights do not fit in memory."""
+    need = 4 * int(n_elements)
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise ModelTooLargeError(
+            f"{where}: the weights need {need / 2**30:.2f} GiB as float32 but only {avail / 2**30:.2f} GiB of "
+            f"memory is available ({'FACTRACE_MAX_BYTES' if os.environ.get('FACTRACE_MAX_BYTES') else 'MemAvailable'}"
+            f"); nothing was loaded")
+
+
 def _expect(ck: Checkpoint, name: str, shape: tuple) -> np.ndarray:
     if name not in ck.where:
         raise CheckpointError(f"{ck.dir}: missing tensor {name!r}")
@@ -142,6 +186,10 @@ def load_hf_dir(directory, name: str | None = None):
                           f"use a text-only Gemma3ForCausalLM checkpoint")
     cfg = from_hf_config(raw, where=str(cpath))
     with Checkpoint(directory) as ck:
+        n_el = 0
+        for n in ck.names:
+            n_el += int(np.prod(ck.shape(n), dtype=object))
+        check_memory(n_el, directory)  # before any tensor is converted
         used: set = set()
         if cfg.arch == "GPT2LMHeadModel":
             weights = _gpt2_weights(cfg, ck, used)
