@@ -100,9 +100,9 @@ static void rope_head(float *x, int dh, int pos, const float *inv_freq, float ms
 /* Sequences with at least this many new rows attend through matrix products (attend_heads_gemm). */
 #define ATTN_GEMM_MIN_ROWS 32
 
-/* Softmax of one row of scores in place, masked like the loop in attend_sequence: keys j < lo or
+/* Softmax of one row of scores in place (used by both attention paths): keys j < lo or
  * j > pos or blocked (bl[j] = 1) get probability 0; s[j] = raw q.k for the others (scaled and softcapped
- * here). Returns 0, or -1 (row zeroed) when every key is masked. Same float order as the loop. */
+ * here). Returns 0, or -1 (row zeroed) when every key is masked. */
 static int softmax_row(float *s, int P, int lo, int pos, const unsigned char *bl, const Config *c) {
     float mx = -INFINITY;
     for (int j = 0; j < P; j++) {
@@ -171,44 +171,25 @@ static void attend_sequence(float *z, float *probs, const float *q, const float 
             free(sw);
             return;
         }
-    } /* short sequence (or no memory for the scratch): the loop */
+    } /* short sequence (or no memory for the scratch): dot products, softmax_row, weighted sum */
     for (int h = 0; h < H; h++) {
         int kh = h / group;
         for (int i = 0; i < n; i++) {
             int pos = start + i;
             int lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
             const float *qi = q + (int64_t)i * H * dh + h * dh;
-            float mx = -INFINITY;
-            for (int j = 0; j < P; j++) {
-                if (j < lo || j > pos || (blocked && blocked[(int64_t)i * P + j])) {
-                    scores[j] = -INFINITY;
-                    continue;
-                }
+            for (int j = lo; j <= pos; j++) {
                 const float *kj = kall + (int64_t)j * kvd + kh * dh;
                 float s = 0.0f;
                 for (int t = 0; t < dh; t++) s += qi[t] * kj[t];
-                s *= c->attn_scale;
-                if (c->attn_softcap > 0.0f) s = c->attn_softcap * tanhf(s / c->attn_softcap);
                 scores[j] = s;
-                if (s > mx) mx = s;
             }
+            softmax_row(scores, P, lo, pos, blocked ? blocked + (int64_t)i * P : NULL, c);
             float *zi = z + (int64_t)i * H * dh + h * dh;
             memset(zi, 0, sizeof(float) * dh);
-            float *pr = probs ? probs + ((int64_t)h * n + i) * P : NULL;
-            if (mx == -INFINITY) { /* every edge blocked: the head contributes nothing */
-                if (pr) memset(pr, 0, sizeof(float) * P);
-                continue;
-            }
-            float sum = 0.0f;
-            for (int j = 0; j < P; j++) {
-                float e = scores[j] == -INFINITY ? 0.0f : expf(scores[j] - mx);
-                scores[j] = e;
-                sum += e;
-            }
-            float inv = 1.0f / sum;
-            for (int j = 0; j < P; j++) {
-                float a = scores[j] * inv;
-                if (pr) pr[j] = a;
+            if (probs) memcpy(probs + ((int64_t)h * n + i) * P, scores, sizeof(float) * P);
+            for (int j = lo; j <= pos; j++) {
+                float a = scores[j];
                 if (a == 0.0f) continue;
                 const float *vj = vall + (int64_t)j * kvd + kh * dh;
                 for (int t = 0; t < dh; t++) zi[t] += a * vj[t];
