@@ -85,15 +85,16 @@ def subject_span(m, prompt, subject):
     """
     if subject is None:
         return None
-    if isinstance(subject, str):
-        if not isinstance(prompt, str):
-            raise ValueError("a subject string needs the prompt as a string; pass a (b, e) token span instead")
-        b, e, _ = _char_span(m, prompt, subject, "subject")
+    from .tracing import subject_span as _subject_span
+
+    if isinstance(subject, str) and not isinstance(prompt, str):
+        raise ValueError("a subject string needs the prompt as a string; pass a (b, e) token span instead")
+    if not isinstance(subject, str):
+        b, e = (int(x) for x in subject)
+        if not 0 <= b < e:
+            raise ValueError(f"bad subject span {subject!r}")
         return b, e
-    b, e = (int(x) for x in subject)
-    if not 0 <= b < e:
-        raise ValueError(f"bad subject span {subject!r}")
-    return b, e
+    return _subject_span(m, prompt, subject)
 
 
 def token_groups(T: int, span=None, relation=None, end: int | None = None, m=None, prompt=None):
@@ -680,20 +681,7 @@ def dla_dataset(m, records, target=None, contrast: str | None = None, only_corre
 
 def _final_norm(m, x):
     """Final norm applied row-wise with each row's own scale, float32 like the C core."""
-    c = m.config
-    x = np.asarray(x, np.float32)
-    x64 = x.astype(np.float64)
-    w = m.W("ln_f_w")
-    if c.norm == "layernorm":
-        mean = x64.mean(-1, keepdims=True).astype(np.float32)
-        var = ((x64 - mean.astype(np.float64)) ** 2).mean(-1, keepdims=True)
-        rs = (np.float32(1.0) / np.sqrt((var.astype(np.float32) + np.float32(c.norm_eps)))).astype(np.float32)
-        y = ((x - mean) * rs) * w
-        b = m.W("ln_f_b")
-        return y + b if b is not None else y
-    ms = (x64 ** 2).mean(-1, keepdims=True).astype(np.float32)
-    rs = (np.float32(1.0) / np.sqrt(ms + np.float32(c.norm_eps))).astype(np.float32)
-    return w * (x * rs)
+    return m.final_norm(x)
 
 
 def _softmax64(z):

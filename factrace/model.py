@@ -119,6 +119,22 @@ class Model:
         key = name if layer is None else f"blocks.{layer}.{name}"
         return self.weights.get(key)
 
+    def final_norm(self, x) -> np.ndarray:
+        """The final norm applied to residual vectors ``x`` (..., d), each with its own scale (float32,
+        the C core's arithmetic): LayerNorm (x - mean) / sqrt(var + eps) * w + b, or RMSNorm
+        w * (x / sqrt(mean(x^2) + eps)). Example: ``m.final_norm(r.resid_pre[5]) @ m.W("W_U").T``."""
+        c = self.config
+        x = np.asarray(x, np.float32)
+        x64 = x.astype(np.float64)
+        w, b = self.W("ln_f_w"), self.W("ln_f_b")
+        if c.norm == "layernorm":
+            mean = x64.mean(-1, keepdims=True).astype(np.float32)
+            var = ((x64 - mean) ** 2).mean(-1, keepdims=True).astype(np.float32)
+            y = ((x - mean) * (np.float32(1) / np.sqrt(var + np.float32(c.norm_eps)))) * w
+            return y + b if b is not None else y
+        ms = (x64 * x64).mean(-1, keepdims=True).astype(np.float32)
+        return w * (x * (np.float32(1) / np.sqrt(ms + np.float32(c.norm_eps))))
+
     def b_O(self, layer: int) -> np.ndarray:
         """(d,) the attention output bias of ``layer`` as it reaches the residual stream (zeros if none)."""
         b = self.W("b_O", layer)

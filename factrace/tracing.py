@@ -584,19 +584,9 @@ class KnockoutResult:
 
 
 def final_norm(m: Model, x: np.ndarray) -> np.ndarray:
-    """The model's final norm applied to residual vectors x (..., d), each with its own scale (float32,
-    the same arithmetic as the C core)."""
-    c = m.config
-    x = np.asarray(x, np.float32)
-    w, b = m.W("ln_f_w"), m.W("ln_f_b")
-    x64 = x.astype(np.float64)
-    if c.norm == "layernorm":
-        mean = x64.mean(-1, keepdims=True).astype(np.float32)
-        var = ((x64 - mean) ** 2).mean(-1, keepdims=True).astype(np.float32)
-        y = (x - mean) * (np.float32(1) / np.sqrt(var + np.float32(c.norm_eps)))
-        return y * w + (b if b is not None else 0)
-    ms = (x64 * x64).mean(-1, keepdims=True).astype(np.float32)
-    return w * (x * (np.float32(1) / np.sqrt(ms + np.float32(c.norm_eps))))
+    """The model's final norm applied to residual vectors x (..., d), each with its own scale
+    (:meth:`Model.final_norm`)."""
+    return m.final_norm(x)
 
 
 def knockout(m: Model, prompt, subject, kind: str = "mlp", window: int = 5, starts=None, exclude_last: bool = True,
