@@ -265,7 +265,7 @@ def test_report_on_real_models(tmp_path):
         pytest.skip("known_1000.json not in ../shared/data")
     from factrace.datasets import load_dataset
 
-    records = load_dataset("known_1000", SHARED_DATA)[:100]  # Gemma without <bos> knows none: bound the scan
+    records = load_dataset("known_1000", SHARED_DATA)[:100]  # bound the known-fact scan
     res = R.run_report(["smollm2", "gemma3-270m"], records, n=3, out=tmp_path / "r", samples=2, objects=None,
                        progress=False)
     summ = res.tables["summary"].set_index("model")
