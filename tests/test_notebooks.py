@@ -30,7 +30,7 @@ def test_notebook_runs(path, monkeypatch):
     client.execute()  # raises CellExecutionError with the failing cell's traceback
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
-    assert any(o.output_type == "display_data" and "image/png" in o.get("data", {})
+    assert any(o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {})
                for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])) or path.stem == "quickstart"
 
 
