@@ -40,7 +40,7 @@ export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:strict_string_checks=1:dete
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:${UBSAN_OPTIONS:-}"
 # torch and ASan do not mix: a stub makes `import torch` fail, so tests that need it skip
 mkdir -p "$WORK/.nosan/torch"
-echo 'raise ImportError("torch is disabled in the ASan run (tools/sanitize.sh)")' > "$WORK/.nosan/torch/__init__.py"
+echo 'raise ModuleNotFoundError("torch is disabled in the ASan run (tools/sanitize.sh)")' > "$WORK/.nosan/torch/__init__.py"
 export PYTHONPATH="$WORK:$WORK/.nosan${PYTHONPATH:+:$PYTHONPATH}"
 export FACTRACE_SHARED="${FACTRACE_SHARED:-$ROOT/../shared}"
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
