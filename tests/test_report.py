@@ -2,6 +2,7 @@
 looked at in a real headless browser, and once on the real models (realmodel)."""
 import json
 import re
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -206,12 +207,14 @@ BROWSER = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-d
 @pytest.mark.skipif(CHROMIUM is None, reason="headless chromium not installed (apt-get install -y chromium)")
 def test_html_renders_in_headless_chromium(done, tmp_path):
     res, out, _ = done
+    # the browser must not inherit a sanitizer preload (tools/sanitize.sh runs this suite under ASan)
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")}
     html = res.html.read_text()
     # the report itself, with a probe script that writes each image's decoded size into the DOM
     probe = out / "report_probe.html"
     probe.write_text(html.replace("</body>", PROBE + "</body>"))
     dom = subprocess.run(BROWSER + [SIZE, "--dump-dom", probe.resolve().as_uri()], capture_output=True, text=True,
-                         timeout=120).stdout
+                         timeout=120, env=env).stdout
     imgs = _probe(dom)
     assert len(imgs) == 4
     from matplotlib.image import imread
@@ -223,13 +226,13 @@ def test_html_renders_in_headless_chromium(done, tmp_path):
     broken = out / "broken_probe.html"
     broken.write_text(html.replace("figures/gini.png", "figures/missing.png").replace("</body>", PROBE + "</body>"))
     dom = subprocess.run(BROWSER + [SIZE, "--dump-dom", broken.resolve().as_uri()], capture_output=True, text=True,
-                         timeout=120).stdout
+                         timeout=120, env=env).stdout
     assert [w for s, w, *_ in _probe(dom) if "missing" in s] == [0]
     # a screenshot of the page as it is (same window size as the probe): where each image sits, the
     # pixels show a figure (ink on white), not an empty box
     shot = tmp_path / "shot.png"
     subprocess.run(BROWSER + [SIZE, f"--screenshot={shot}", res.html.resolve().as_uri()],
-                   capture_output=True, timeout=120, check=True)
+                   capture_output=True, timeout=120, check=True, env=env)
     a = imread(shot)[..., :3]
     seen = 0
     for src, w, h, x, y, bw, bh in imgs:
