@@ -96,15 +96,22 @@ def cmd_dla(a):
     import factrace
 
     m = _load(a.model)
-    res = factrace.dla(m, a.prompt, a.target, subject=a.subject)
-    print(res.summary() if hasattr(res, "summary") else res)
+    target = a.target if a.target is None or not a.target.lstrip("-").isdigit() else int(a.target)
+    res = factrace.dla(m, a.prompt, target, subject=a.subject)
+    print(f"target {res.target!r}: clean logit {res.logit:.4f}, sum of all parts {res.total:.4f}")
+    mech = res.mechanisms()
+    print("mechanisms: " + ", ".join(f"{k} {mech[k]:+.3f}" for k in ("subject_heads", "relation_heads",
+                                                                       "mixed_heads", "mlp_boosting", "other_heads",
+                                                                       "direct")))
+    top = res.head_frame().sort_values("total", key=abs, ascending=False).head(a.top)
+    print(f"top {a.top} heads by |DLA|:")
+    print(top.to_string(index=False))
     out = _out_dir(a.out)
     if out:
-        res.frame.to_csv(out / "dla.csv", index=False) if hasattr(res, "frame") else None
-        for nm in ("plot", "plot_heads"):
-            if hasattr(res, nm):
-                getattr(res, nm)().savefig(out / f"dla_{nm}.png", bbox_inches="tight")
-        print(f"wrote {out}")
+        res.frame().to_csv(out / "dla.csv", index=False)
+        res.plot_heads().savefig(out / "dla_heads.png", bbox_inches="tight")
+        res.plot_mechanisms().savefig(out / "dla_mechanisms.png", bbox_inches="tight")
+        print(f"wrote {out}/dla.csv, dla_heads.png, dla_mechanisms.png")
 
 
 def cmd_lens(a):
@@ -112,11 +119,12 @@ def cmd_lens(a):
 
     m = _load(a.model)
     res = factrace.logit_lens(m, a.prompt, target=a.target)
-    print(res.table() if hasattr(res, "table") else res)
+    print(res.table().to_string())
     out = _out_dir(a.out)
-    if out and hasattr(res, "plot"):
+    if out:
+        res.frame().to_csv(out / "lens.csv", index=False)
         res.plot().savefig(out / "lens.png", bbox_inches="tight")
-        print(f"wrote {out / 'lens.png'}")
+        print(f"wrote {out}/lens.csv and lens.png")
 
 
 def cmd_report(a):
@@ -158,7 +166,8 @@ def build_parser():
                               '--subject "The Colosseum"')
     common(d)
     d.add_argument("--subject")
-    d.add_argument("--target", help="target token (default: the model's prediction)")
+    d.add_argument("--target", help="target token string or id (default: the model's prediction)")
+    d.add_argument("--top", type=int, default=10)
     d.set_defaults(fn=cmd_dla)
 
     ln = sub.add_parser("lens", help="logit lens: top tokens per layer and position",
