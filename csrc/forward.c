@@ -216,21 +216,17 @@ static void apply_patches(float *x, int d, int site, int layer, const Patch *p, 
 /* One layer's attention for every sequence of the batch (in parallel over sequences when all are
  * short). q (N, H*dh), k, v (N, KV*dh) this layer's new rows; each sequence's keys/values are its
  * prefix cache rows followed by its new rows. z (N, H*dh) output; probs (H, attn_total) optional, laid
- * out per head as each sequence's (n, P) block at attn_off[s]. Returns 0, or -1 if out of memory. */
+ * out per head as each sequence's (n, P) block at attn_off[s]; maxn, maxP: the largest new-row count and
+ * key count of a sequence (scratch sizes). Returns 0, or -1 if out of memory. */
 static int attention_layer(float *z, float *probs, int64_t attn_total, const float *q, const float *k,
                            const float *v, const Batch *b, int l, const Config *c, const EdgeBlock *blocks,
-                           int64_t n_blocks, const int64_t *row0, const int64_t *attn_off, int parallel) {
+                           int64_t n_blocks, const int64_t *row0, const int64_t *attn_off, int64_t maxn,
+                           int64_t maxP) {
     int H = c->n_heads, kvd = c->n_kv_heads * c->d_head, qd = H * c->d_head;
     int window = c->layer_window ? c->layer_window[l] : 0;
     int failed = 0;
-#pragma omp parallel if (parallel && b->n_seq > 1)
+#pragma omp parallel if (maxn < ATTN_GEMM_MIN_ROWS && b->n_seq > 1)
     {
-        int64_t maxP = 0;
-        for (int i = 0; i < b->n_seq; i++)
-            if ((int64_t)b->start[i] + b->len[i] > maxP) maxP = (int64_t)b->start[i] + b->len[i];
-        int64_t maxn = 0;
-        for (int i = 0; i < b->n_seq; i++)
-            if (b->len[i] > maxn) maxn = b->len[i];
         /* per-thread scratch: keys/values (P, KV*dh), scores (P,), blocked (n, P), probs (H, n, P) */
         float *kall = malloc(sizeof(float) * maxP * kvd), *vall = malloc(sizeof(float) * maxP * kvd);
         float *scores = malloc(sizeof(float) * (maxP + 1));
@@ -305,8 +301,6 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
         if (b->len[i] > maxn) maxn = b->len[i];
         attn_total += (int64_t)b->len[i] * P;
     }
-    int64_t wide = F > qd ? F : qd;
-    if (wide < d) wide = d;
     s.x = malloc(sizeof(float) * N * d);
     s.h = malloc(sizeof(float) * N * d);
     s.a = malloc(sizeof(float) * N * d);
@@ -391,7 +385,7 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
 
         /* per sequence: gather prefix + new keys/values, attend */
         if (attention_layer(s.z, cap->attn ? cap->attn + (int64_t)l * H * attn_total : NULL, attn_total, s.q, s.k,
-                            s.v, b, l, c, blocks, n_blocks, row0, attn_off, maxn < ATTN_GEMM_MIN_ROWS))
+                            s.v, b, l, c, blocks, n_blocks, row0, attn_off, maxn, maxP))
             FAIL("out of memory in attention");
         if (cap->z) memcpy(cap->z + LN * qd, s.z, sizeof(float) * N * qd);
 

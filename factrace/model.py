@@ -11,7 +11,6 @@ from .interventions import compile_interventions
 
 ALL_CAPTURES = ("embed", "resid_pre", "resid_mid", "attn_out", "mlp_out", "head_out", "attn", "z",
                 "resid_final", "final_scale")
-PER_LAYER = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "k_cache", "v_cache", "norm_scale_attn")
 CAPTURE_NAMES = ALL_CAPTURES + ("k_cache", "v_cache", "norm_scale_attn")
 
 
