@@ -133,6 +133,8 @@ def rope_inv_freq(dim: int, base: float, scaling: dict | None = None, where: str
     exps = np.arange(0, dim, 2, dtype=np.int64).astype(f32) / f32(dim)
     inv = (f32(1.0) / (f32(base) ** exps)).astype(f32)
     kind = "default"
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"{where}: rope scaling must be a JSON object, got {scaling!r:.80}")
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
@@ -178,12 +180,51 @@ def _pos_int(v, key: str, where: str, lo: int = 1, hi: int = 1 << 24) -> int:
     return int(v)
 
 
+def _num(v, key: str, where: str, zero_ok: bool = False) -> float:
+    """A finite JSON number > 0 (>= 0 with ``zero_ok``); anything else is a ConfigError."""
+    ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+          and (v >= 0 if zero_ok else v > 0))
+    if not ok:
+        raise ConfigError(f"{where}: '{key}' must be a finite number {'>= 0' if zero_ok else '> 0'}, got {v!r:.80}")
+    return float(v)
+
+
+def _opt_dict(c: dict, key: str, where: str) -> dict | None:
+    """``c[key]`` when it is a JSON object, None when absent or null; anything else is a ConfigError."""
+    v = c.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise ConfigError(f"{where}: '{key}' must be a JSON object, got {v!r:.80}")
+    return v
+
+
+def _opt_str_list(c: dict, key: str, where: str, n: int) -> list | None:
+    """``c[key]`` as a list of ``n`` strings (None when absent, null or empty)."""
+    v = c.get(key)
+    if not v:
+        return None
+    if not isinstance(v, list) or len(v) != n or not all(isinstance(t, str) for t in v):
+        raise ConfigError(f"{where}: '{key}' must be a list of {n} strings, got {v!r:.80}")
+    return v
+
+
+def _theta_scaling(rp: dict, where: str):
+    """(theta, scaling-or-None) from one rope_parameters dict."""
+    if "rope_theta" not in rp:
+        raise ConfigError(f"{where}: rope_parameters lacks 'rope_theta'")
+    kind = rp.get("rope_type", "default")
+    return _num(rp["rope_theta"], "rope_theta", where), (rp if kind != "default" else None)
+
+
 def _rope_params(c: dict, where: str, default_theta: float = 10000.0):
     """(theta, scaling) from either the classic keys or transformers v5's rope_parameters."""
-    rp = c.get("rope_parameters")
-    if isinstance(rp, dict) and "rope_theta" in rp:
-        return float(rp["rope_theta"]), (rp if rp.get("rope_type", "default") != "default" else None)
-    return float(c.get("rope_theta", default_theta) or default_theta), c.get("rope_scaling")
+    rp = _opt_dict(c, "rope_parameters", where)
+    if rp is not None and "rope_theta" in rp:
+        return _theta_scaling(rp, where)
+    theta = c.get("rope_theta")
+    theta = default_theta if theta is None else _num(theta, "rope_theta", where)
+    return theta, _opt_dict(c, "rope_scaling", where)
 
 
 def from_hf_config(c: dict, where: str = "config.json") -> ModelConfig:
@@ -221,7 +262,8 @@ def from_hf_config(c: dict, where: str = "config.json") -> ModelConfig:
         raise
     except KeyError as e:
         raise ConfigError(f"{where}: config lacks {e}") from None
-    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        # backstop: a value of the wrong JSON type that no explicit check above caught
         raise ConfigError(f"{where}: bad config value ({e})") from None
 
 
@@ -243,7 +285,7 @@ def _gpt2(c: dict, where: str) -> ModelConfig:
     return ModelConfig(
         arch="GPT2LMHeadModel", n_layers=L, n_heads=H, n_kv_heads=H, d_model=d, d_head=dh,
         d_mlp=_pos_int(c.get("n_inner") or 4 * d, "n_inner", where), vocab_size=V, n_ctx=n_ctx,
-        norm="layernorm", norm_eps=float(c.get("layer_norm_epsilon", 1e-5)), act=act, gated_mlp=False,
+        norm="layernorm", norm_eps=_num(c.get("layer_norm_epsilon", 1e-5), "layer_norm_epsilon", where, zero_ok=True), act=act, gated_mlp=False,
         learned_pos=True, rope=False, attn_scale=scale, tied=True, attn_bias=True, o_bias=True, mlp_bias=True,
         bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"), raw=c,
     )
@@ -277,7 +319,7 @@ def _llama_family(c: dict, arch: str, where: str) -> ModelConfig:
     tied = bool(c.get("tie_word_embeddings", gemma))
     cfg = ModelConfig(
         arch=arch, n_layers=L, n_heads=H, n_kv_heads=KV, d_model=d, d_head=dh, d_mlp=F, vocab_size=V,
-        n_ctx=n_ctx, norm="rmsnorm", norm_eps=float(c.get("rms_norm_eps", 1e-6)), act=act, gated_mlp=True,
+        n_ctx=n_ctx, norm="rmsnorm", norm_eps=_num(c.get("rms_norm_eps", 1e-6), "rms_norm_eps", where, zero_ok=True), act=act, gated_mlp=True,
         learned_pos=False, rope=True, tied=tied, bos_token_id=c.get("bos_token_id"),
         eos_token_id=c.get("eos_token_id"), raw=c,
     )
@@ -289,44 +331,47 @@ def _llama_family(c: dict, arch: str, where: str) -> ModelConfig:
     elif arch == "Qwen2ForCausalLM":
         cfg.attn_bias = True
         if c.get("use_sliding_window") and c.get("sliding_window"):
-            mwl = int(c.get("max_window_layers", L))
-            types = c.get("layer_types") or ["sliding_attention" if i >= mwl else "full_attention" for i in range(L)]
-            windows = [int(c["sliding_window"]) if t == "sliding_attention" else 0 for t in types]
+            mwl = _pos_int(c.get("max_window_layers", L), "max_window_layers", where, lo=0)
+            types = (_opt_str_list(c, "layer_types", where, L)
+                     or ["sliding_attention" if i >= mwl else "full_attention" for i in range(L)])
+            windows = [_pos_int(c["sliding_window"], "sliding_window", where, hi=1 << 30) if t == "sliding_attention" else 0 for t in types]
     elif arch == "Qwen3ForCausalLM":
         cfg.attn_bias = cfg.o_bias = bool(c.get("attention_bias", False))
         cfg.qk_norm = True
         if c.get("use_sliding_window") and c.get("sliding_window"):
-            mwl = int(c.get("max_window_layers", L))
-            types = c.get("layer_types") or ["sliding_attention" if i >= mwl else "full_attention" for i in range(L)]
-            windows = [int(c["sliding_window"]) if t == "sliding_attention" else 0 for t in types]
+            mwl = _pos_int(c.get("max_window_layers", L), "max_window_layers", where, lo=0)
+            types = (_opt_str_list(c, "layer_types", where, L)
+                     or ["sliding_attention" if i >= mwl else "full_attention" for i in range(L)])
+            windows = [_pos_int(c["sliding_window"], "sliding_window", where, hi=1 << 30) if t == "sliding_attention" else 0 for t in types]
     elif arch == "MistralForCausalLM":
         if c.get("sliding_window"):
-            windows = [int(c["sliding_window"])] * L
+            windows = [_pos_int(c["sliding_window"], "sliding_window", where, hi=1 << 30)] * L
     if gemma:
         cfg.qk_norm = True
         cfg.post_norms = True
         cfg.embed_scale = float(np.float32(d ** 0.5))
-        cfg.attn_scale = float(c.get("query_pre_attn_scalar", dh)) ** -0.5
-        cfg.attn_softcap = float(c.get("attn_logit_softcapping") or 0.0)
-        cfg.final_softcap = float(c.get("final_logit_softcapping") or 0.0)
-        types = c.get("layer_types")
+        cfg.attn_scale = _num(c.get("query_pre_attn_scalar", dh), "query_pre_attn_scalar", where) ** -0.5
+        cfg.attn_softcap = _num(c.get("attn_logit_softcapping") or 0.0, "attn_logit_softcapping", where, True)
+        cfg.final_softcap = _num(c.get("final_logit_softcapping") or 0.0, "final_logit_softcapping", where, True)
+        types = _opt_str_list(c, "layer_types", where, L)
         if not types:
-            pattern = int(c.get("sliding_window_pattern", 6))
-            if pattern < 1:
-                raise ConfigError(f"{where}: sliding_window_pattern must be >= 1")
+            pattern = _pos_int(c.get("sliding_window_pattern", 6), "sliding_window_pattern", where)
             types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(L)]
         if not isinstance(types, list) or len(types) != L:
             raise ConfigError(f"{where}: layer_types has {len(types)} entries for {L} layers")
-        sw = int(c.get("sliding_window") or 4096)
+        sw = _pos_int(c.get("sliding_window") or 4096, "sliding_window", where, hi=1 << 30)
         windows = [sw if t == "sliding_attention" else 0 for t in types]
-        rp = c.get("rope_parameters")
-        if isinstance(rp, dict) and "full_attention" in rp:
-            g, loc = rp["full_attention"], rp.get("sliding_attention", rp["full_attention"])
-            g_theta, g_scaling = float(g["rope_theta"]), (g if g.get("rope_type", "default") != "default" else None)
-            l_theta, l_scaling = float(loc["rope_theta"]), (loc if loc.get("rope_type", "default") != "default" else None)
+        rp = _opt_dict(c, "rope_parameters", where)
+        if rp is not None and "full_attention" in rp:
+            g = _opt_dict(rp, "full_attention", where)
+            loc = _opt_dict(rp, "sliding_attention", where) if "sliding_attention" in rp else g
+            if g is None or loc is None:
+                raise ConfigError(f"{where}: rope_parameters.full_attention/sliding_attention must be objects")
+            g_theta, g_scaling = _theta_scaling(g, where)
+            l_theta, l_scaling = _theta_scaling(loc, where)
         else:
             g_theta, g_scaling = theta, scaling
-            l_theta, l_scaling = float(c.get("rope_local_base_freq", 10000.0)), None
+            l_theta, l_scaling = _num(c.get("rope_local_base_freq", 10000.0), "rope_local_base_freq", where), None
         g_inv, g_ms = rope_inv_freq(dh, g_theta, g_scaling, where)
         l_inv, l_ms = rope_inv_freq(dh, l_theta, l_scaling, where)
         cfg.rope_inv_freq = np.stack([g_inv, l_inv])

@@ -43,6 +43,8 @@ class Tokenizer:
                 tc = json.loads(cfg.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise TokenizerError(f"{cfg}: unreadable ({e})") from None
+            if not isinstance(tc, dict):
+                raise TokenizerError(f"{cfg}: expected a JSON object, got {type(tc).__name__}")
             for key in ("bos_token", "eos_token"):
                 v = tc.get(key)
                 if isinstance(v, dict):

@@ -191,6 +191,48 @@ def test_bad_config_values_known_bugs(tmp_path, fixture, changes):
     load_err(ConfigError, d, "config.json")
 
 
+# Every key of every fixture's config (and of its nested objects) set to a value of each wrong JSON type:
+# the loader either builds a model that runs or raises ConfigError/CheckpointError naming config.json.
+# (The fuzzer found `"rope_scaling": 1` raising AttributeError; this sweeps the whole family.)
+_WRONG_TYPES = [7, -1, 0.5, "x", "", [], [1, "a"], {}, {"rope_type": 3}, True, None, 1e308]
+
+
+def _config_paths(obj, prefix=()):
+    for k, v in obj.items():
+        yield prefix + (k,)
+        if isinstance(v, dict):
+            yield from _config_paths(v, prefix + (k,))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").exists()))
+def test_config_type_confusion(tmp_path, fixture):
+    d = copy_fixture(fixture, tmp_path)
+    original = json.loads((d / "config.json").read_text())
+    paths = list(_config_paths(original)) + [("rope_scaling",), ("rope_parameters",), ("layer_types",),
+                                              ("rope_parameters", "full_attention"), ("sliding_window",)]
+    tried = 0
+    for path in paths:
+        for value in _WRONG_TYPES:
+            cfg = json.loads(json.dumps(original))
+            node = cfg
+            for k in path[:-1]:
+                if not isinstance(node.get(k), dict):
+                    node[k] = {}
+                node = node[k]
+            node[path[-1]] = value
+            (d / "config.json").write_text(json.dumps(cfg))
+            try:
+                m = factrace.load(d)
+            except (ConfigError, CheckpointError) as e:
+                assert "config.json" in str(e) or str(d) in str(e), (path, value, str(e))
+                continue
+            tried += 1
+            r = m.run([1, 2, 3])
+            assert r.logits.shape == (3, m.config.vocab_size), (path, value)
+    assert tried > 0  # some edits (e.g. to bos_token_id or unused keys) leave a loadable model
+
+
 def test_gemma_layer_types_length(tmp_path):
     d = copy_fixture("gemma3", tmp_path)
     edit_config(d, layer_types=["full_attention"])
@@ -548,6 +590,22 @@ def test_bad_tokenizer_config(tmp_path):
     d = copy_fixture("gpt2", tmp_path)
     (d / "tokenizer_config.json").write_text("{nope")
     load_err(TokenizerError, d, "tokenizer_config.json", "unreadable")
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "7", '"bos"', "null"])
+def test_tokenizer_config_not_an_object(tmp_path, text):
+    d = copy_fixture("gpt2", tmp_path)
+    (d / "tokenizer_config.json").write_text(text)
+    load_err(TokenizerError, d, "tokenizer_config.json", "JSON object")
+
+
+@pytest.mark.parametrize("value", [7, [1], {"content": 5}, {"content": ["x"]}, None, "not-a-token"])
+def test_tokenizer_config_odd_special_tokens(tmp_path, value):
+    d = copy_fixture("gpt2", tmp_path)
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": value, "eos_token": value}))
+    m = factrace.load(d)   # odd values are ignored: no bos/eos id, the tokenizer still works
+    assert m.tokenizer.bos_id is None and m.tokenizer.eos_id is None
+    assert len(m.encode("hello")) > 0
 
 
 def test_no_tokenizer_means_ids_only(tmp_path):
