@@ -96,6 +96,41 @@ static void rope_head(float *x, int dh, int pos, const float *inv_freq, float ms
     }
 }
 
+/* out (N, d) = MLP(x (N, d)): h = norm(x); down(act(gate h) * up h) or down(act(up h)); Gemma: then the
+ * post-MLP norm. h (N, d), up, gate (N, F) scratch. */
+static void mlp_rows(float *out, float *h, float *up, float *gate, const float *x, int64_t N, const LayerWeights *lw,
+                     const Config *c) {
+    int d = c->d_model, F = c->d_mlp;
+    norm_rows(h, NULL, x, N, d, lw->ln2_w, lw->ln2_b, c->norm_eps, c->norm);
+    matmul(up, h, lw->W_up, lw->b_up, N, d, F);
+    if (c->gated_mlp) {
+        matmul(gate, h, lw->W_gate, lw->b_gate, N, d, F);
+#pragma omp parallel for schedule(static) if (N * F > PAR_MIN)
+        for (int64_t i = 0; i < N * F; i++) up[i] = act_one(gate[i], c->act) * up[i];
+    } else {
+#pragma omp parallel for schedule(static) if (N * F > PAR_MIN)
+        for (int64_t i = 0; i < N * F; i++) up[i] = act_one(up[i], c->act);
+    }
+    matmul(out, up, lw->W_down, lw->b_down, N, F, d);
+    if (c->post_norms) norm_rows(out, NULL, out, N, d, lw->post_mlp_norm_w, NULL, c->norm_eps, NORM_RMS);
+}
+
+/* Per-head RMSNorm (Qwen3/Gemma q_norm, k_norm) in place: x (n_vec, dh) */
+static void head_norm_rows(float *x, int64_t n_vec, int dh, const float *w, float eps) {
+#pragma omp parallel for schedule(static) if (n_vec * dh > PAR_MIN)
+    for (int64_t i = 0; i < n_vec; i++) norm_row(x + i * dh, x + i * dh, dh, w, NULL, eps, NORM_RMS);
+}
+
+/* Rotary embedding in place of x (N, nh*dh), row r at absolute position pos[r], with layer l's table */
+static void rope_rows(float *x, int64_t N, int nh, const int *pos, const Config *c, int l) {
+    int dh = c->d_head, tbl = c->layer_rope ? c->layer_rope[l] : 0;
+    const float *inv = c->rope_inv_freq + (int64_t)tbl * (dh / 2);
+    float ms = c->rope_mscale[tbl];
+#pragma omp parallel for schedule(static) if (N * nh * dh > PAR_MIN)
+    for (int64_t r = 0; r < N; r++)
+        for (int h = 0; h < nh; h++) rope_head(x + (r * nh + h) * dh, dh, pos[r], inv, ms);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* attention                                                                                    */
 
@@ -163,10 +198,11 @@ static void attend_heads_gemm(float *z, float *probs, const float *q, const floa
  * z (n, H*dh) output; probs (H, n, P) optional; blocked (n, P) bytes optional (1 = edge removed). */
 static void attend_sequence(float *z, float *probs, const float *q, const float *kall, const float *vall, int n,
                             int start, const Config *c, int window, const unsigned char *blocked,
+                            const unsigned char *want /* (n,) rows to compute, or NULL: all */,
                             float *scores /* (P,) scratch */) {
     int H = c->n_heads, dh = c->d_head, kvd = c->n_kv_heads * dh, group = c->n_heads / c->n_kv_heads;
     int P = start + n;
-    if (n >= ATTN_GEMM_MIN_ROWS) { /* long sequence: matrix products per head */
+    if (n >= ATTN_GEMM_MIN_ROWS && !want) { /* long sequence: matrix products per head */
         float *sw = probs ? NULL : malloc(sizeof(float) * (size_t)n * P);
         if (probs || sw) {
             attend_heads_gemm(z, probs, q, kall, vall, n, start, c, window, blocked, sw);
@@ -177,6 +213,7 @@ static void attend_sequence(float *z, float *probs, const float *q, const float 
     for (int h = 0; h < H; h++) {
         int kh = h / group;
         for (int i = 0; i < n; i++) {
+            if (want && !want[i]) continue; /* z and probs rows of unwanted queries are left untouched */
             int pos = start + i;
             int lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
             const float *qi = q + (int64_t)i * H * dh + h * dh;
@@ -203,9 +240,11 @@ static void attend_sequence(float *z, float *probs, const float *q, const float 
 /* ------------------------------------------------------------------------------------------ */
 /* interventions                                                                                */
 
-static void apply_patches(float *x, int d, int site, int layer, const Patch *p, int64_t np) {
+/* Apply the patches of (site, layer) to x (N, d); want (N,) optional: only to these rows. */
+static void apply_patches(float *x, int d, int site, int layer, const Patch *p, int64_t np,
+                          const unsigned char *want) {
     for (int64_t i = 0; i < np; i++) {
-        if (p[i].site != site || p[i].layer != layer) continue;
+        if (p[i].site != site || p[i].layer != layer || (want && !want[p[i].row])) continue;
         float *r = x + p[i].row * d;
         if (p[i].op == OP_ZERO) memset(r, 0, sizeof(float) * d);
         else if (p[i].op == OP_SET) memcpy(r, p[i].value, sizeof(float) * d);
@@ -216,12 +255,13 @@ static void apply_patches(float *x, int d, int site, int layer, const Patch *p, 
 /* One layer's attention for every sequence of the batch (in parallel over sequences when all are
  * short). q (N, H*dh), k, v (N, KV*dh) this layer's new rows; each sequence's keys/values are its
  * prefix cache rows followed by its new rows. z (N, H*dh) output; probs (H, attn_total) optional, laid
- * out per head as each sequence's (n, P) block at attn_off[s]; maxn, maxP: the largest new-row count and
+ * out per head as each sequence's (n, P) block at attn_off[s]; want (N,) optional: only these query
+ * rows are computed (their q rows are the only ones read); maxn, maxP: the largest new-row count and
  * key count of a sequence (scratch sizes). Returns 0, or -1 if out of memory. */
 static int attention_layer(float *z, float *probs, int64_t attn_total, const float *q, const float *k,
                            const float *v, const Batch *b, int l, const Config *c, const EdgeBlock *blocks,
                            int64_t n_blocks, const int64_t *row0, const int64_t *attn_off, int64_t maxn,
-                           int64_t maxP) {
+                           int64_t maxP, const unsigned char *want) {
     int H = c->n_heads, kvd = c->n_kv_heads * c->d_head, qd = H * c->d_head;
     int window = c->layer_window ? c->layer_window[l] : 0;
     int failed = 0;
@@ -242,6 +282,11 @@ static int attention_layer(float *z, float *probs, int64_t attn_total, const flo
             if (!ok) continue;
             int n = b->len[i], st = b->start[i], P = st + n;
             int64_t r0 = row0[i];
+            if (want) { /* skip sequences with no wanted row */
+                int any = 0;
+                for (int t = 0; t < n && !any; t++) any = want[r0 + t];
+                if (!any) continue;
+            }
             if (st > 0) {
                 memcpy(kall, b->pk[i] + l * b->pstride, sizeof(float) * st * kvd);
                 memcpy(vall, b->pv[i] + l * b->pstride, sizeof(float) * st * kvd);
@@ -256,7 +301,8 @@ static int attention_layer(float *z, float *probs, int64_t attn_total, const flo
                 blk = blocked;
                 blocked[(eb->row - r0) * P + eb->key] = 1;
             }
-            attend_sequence(z + r0 * qd, tmp, q + r0 * qd, kall, vall, n, st, c, window, blk, scores);
+            attend_sequence(z + r0 * qd, tmp, q + r0 * qd, kall, vall, n, st, c, window, blk, want ? want + r0 : NULL,
+                            scores);
             if (tmp) /* layout (H, attn_total): per head, this sequence's (n, P) block */
                 for (int h = 0; h < H; h++)
                     memcpy(probs + (int64_t)h * attn_total + attn_off[i], tmp + (int64_t)h * n * P,
@@ -274,11 +320,104 @@ typedef struct {
     float *x, *h, *q, *k, *v, *z, *a, *up, *gate, *tmp, *rs;
     int64_t *row0, *attn_off; /* (S,) first row and attention-probability offset of each sequence */
     int *pos;                 /* (N,) absolute position of each row */
+    unsigned char *want;      /* (N,) rows read after the last block (last-block pruning), or NULL */
+    unsigned char *set;       /* (N,) rows whose MLP output a patch sets (not computed) */
+    int64_t *krow;            /* (N,) the other rows */
+    int64_t *wrow;            /* (nw,) those rows in order */
+    int *wpos;                /* (nw,) their positions */
 } Scratch;
 
 static void scratch_free(Scratch *s) {
     free(s->x); free(s->h); free(s->q); free(s->k); free(s->v); free(s->z); free(s->a);
     free(s->up); free(s->gate); free(s->tmp); free(s->rs); free(s->row0); free(s->attn_off); free(s->pos);
+    free(s->want); free(s->wrow); free(s->wpos); free(s->set); free(s->krow);
+}
+
+/* The MLP of block l for every row of s->x into s->a, except rows whose output a SET patch of
+ * (SITE_MLP_OUT, l) replaces: those are not computed (zeros until the patch sets them). */
+static void mlp_block(Scratch *s, const LayerWeights *lw, const Config *c, int l, const Patch *p, int64_t np,
+                      int64_t N) {
+    int d = c->d_model;
+    int64_t nset = 0;
+    for (int64_t i = 0; i < np; i++)
+        if (p[i].site == SITE_MLP_OUT && p[i].layer == l && p[i].op == OP_SET) {
+            if (!nset) memset(s->set, 0, (size_t)N);
+            nset += !s->set[p[i].row];
+            s->set[p[i].row] = 1;
+        }
+    if (!nset) {
+        mlp_rows(s->a, s->h, s->up, s->gate, s->x, N, lw, c);
+        return;
+    }
+    int64_t nk = 0; /* gather the computed rows into tmp (nk, d); MLP into h (a as scratch); scatter */
+    for (int64_t r = 0; r < N; r++)
+        if (!s->set[r]) {
+            memcpy(s->tmp + nk * d, s->x + r * d, sizeof(float) * d);
+            s->krow[nk++] = r;
+        }
+    mlp_rows(s->h, s->a, s->up, s->gate, s->tmp, nk, lw, c);
+    for (int64_t r = 0; r < N; r++)
+        if (s->set[r]) memset(s->a + r * d, 0, sizeof(float) * d);
+    for (int64_t i = 0; i < nk; i++) memcpy(s->a + s->krow[i] * d, s->h + i * d, sizeof(float) * d);
+}
+
+/* The last block when only the rows s->wrow[0..nw) (mask s->want) are read afterwards, for their
+ * logits: keys and values for every row (the wanted rows attend to them); the query, attention, W_O and
+ * the MLP for the wanted rows only, gathered into compact (nw, .) buffers. Row for row the operations
+ * of the full block; the other rows of x keep the block's input. Returns 0, or -1 if out of memory. */
+static int last_block_rows(Scratch *s, const Model *m, const Batch *b, int64_t nw, int64_t N, const Patch *patches,
+                           int64_t n_patches, const EdgeBlock *blocks, int64_t n_blocks, int64_t maxn, int64_t maxP) {
+    const Config *c = &m->cfg;
+    int l = c->n_layers - 1, d = c->d_model, H = c->n_heads, dh = c->d_head, KV = c->n_kv_heads;
+    int qd = H * dh, kvd = KV * dh;
+    const LayerWeights *lw = &m->w.layers[l];
+    const int64_t *wrow = s->wrow;
+
+    /* h = norm(x) (N, d); keys and values (N, KV*dh) of every row */
+    norm_rows(s->h, NULL, s->x, N, d, lw->ln1_w, lw->ln1_b, c->norm_eps, c->norm);
+    matmul(s->k, s->h, lw->W_K, lw->b_K, N, d, kvd);
+    matmul(s->v, s->h, lw->W_V, lw->b_V, N, d, kvd);
+    if (c->qk_norm) head_norm_rows(s->k, N * KV, dh, lw->k_norm_w, c->norm_eps);
+    if (c->rope) rope_rows(s->k, N, KV, s->pos, c, l);
+
+    /* queries of the wanted rows: h rows gathered into tmp (nw, d), q into z (nw, H*dh), then scattered */
+    for (int64_t i = 0; i < nw; i++) {
+        memcpy(s->tmp + i * d, s->h + wrow[i] * d, sizeof(float) * d);
+        s->wpos[i] = s->pos[wrow[i]];
+    }
+    matmul(s->z, s->tmp, lw->W_Q, lw->b_Q, nw, d, qd);
+    if (c->qk_norm) head_norm_rows(s->z, nw * H, dh, lw->q_norm_w, c->norm_eps);
+    if (c->rope) rope_rows(s->z, nw, H, s->wpos, c, l);
+    for (int64_t i = 0; i < nw; i++) memcpy(s->q + wrow[i] * qd, s->z + i * qd, sizeof(float) * qd);
+    if (attention_layer(s->z, NULL, 0, s->q, s->k, s->v, b, l, c, blocks, n_blocks, s->row0, s->attn_off, maxn,
+                        maxP, s->want))
+        return -1;
+
+    /* attn_out of the wanted rows: z gathered into q (nw, H*dh), projected into h (nw, d), scattered into a */
+    for (int64_t i = 0; i < nw; i++) memcpy(s->q + i * qd, s->z + wrow[i] * qd, sizeof(float) * qd);
+    matmul(s->h, s->q, lw->W_O, lw->b_O, nw, qd, d);
+    if (c->post_norms) norm_rows(s->h, NULL, s->h, nw, d, lw->post_attn_norm_w, NULL, c->norm_eps, NORM_RMS);
+    for (int64_t i = 0; i < nw; i++) memcpy(s->a + wrow[i] * d, s->h + i * d, sizeof(float) * d);
+    apply_patches(s->a, d, SITE_ATTN_OUT, l, patches, n_patches, s->want);
+
+    /* x += attn_out; the MLP of the gathered rows tmp (nw, d) into h (a as its scratch), scattered into a;
+     * x += mlp_out */
+    for (int64_t i = 0; i < nw; i++) {
+        float *xr = s->x + wrow[i] * d;
+        const float *ar = s->a + wrow[i] * d;
+        for (int j = 0; j < d; j++) xr[j] += ar[j];
+        memcpy(s->tmp + i * d, xr, sizeof(float) * d);
+    }
+    mlp_rows(s->h, s->a, s->up, s->gate, s->tmp, nw, lw, c); /* a's rows are free once added to x */
+    for (int64_t i = 0; i < nw; i++) memcpy(s->a + wrow[i] * d, s->h + i * d, sizeof(float) * d);
+    apply_patches(s->a, d, SITE_MLP_OUT, l, patches, n_patches, s->want);
+    for (int64_t i = 0; i < nw; i++) {
+        float *xr = s->x + wrow[i] * d;
+        const float *ar = s->a + wrow[i] * d;
+        for (int j = 0; j < d; j++) xr[j] += ar[j];
+    }
+    apply_patches(s->x, d, SITE_RESID_POST, l, patches, n_patches, s->want);
+    return 0;
 }
 
 #define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); goto done; } while (0)
@@ -315,10 +454,28 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
     s.row0 = malloc(sizeof(int64_t) * b->n_seq);
     s.attn_off = malloc(sizeof(int64_t) * b->n_seq);
     s.pos = malloc(sizeof(int) * (N + 1));
+    s.set = malloc((size_t)N + 1);
+    s.krow = malloc(sizeof(int64_t) * (N + 1));
     if (!s.x || !s.h || !s.a || !s.q || !s.z || !s.k || !s.v || !s.up || !s.gate || !s.tmp || !s.rs || !s.row0 ||
-        !s.attn_off || !s.pos)
+        !s.attn_off || !s.pos || !s.set || !s.krow)
         FAIL("out of memory for a batch of %lld rows", (long long)N);
     int64_t *row0 = s.row0, *attn_off = s.attn_off;
+
+    /* Last-block pruning: when only some rows' logits are wanted and no per-layer state or resid_final is
+     * captured, the last block computes the wanted rows only (plus every row's keys and values). */
+    int64_t nw = 0;
+    int prune = end_layer == L && start_layer < L && cap->logit_rows && cap->n_logit_rows < N && !cap->resid_pre &&
+                !cap->resid_mid && !cap->attn_out && !cap->mlp_out && !cap->head_out && !cap->attn && !cap->z &&
+                !cap->norm_scale_attn && !cap->k_cache && !cap->v_cache && !cap->resid_final;
+    if (prune) {
+        s.want = calloc((size_t)N, 1);
+        s.wrow = malloc(sizeof(int64_t) * N);
+        s.wpos = malloc(sizeof(int) * N);
+        if (!s.want || !s.wrow || !s.wpos) FAIL("out of memory for a batch of %lld rows", (long long)N);
+        for (int64_t i = 0; i < cap->n_logit_rows; i++) s.want[cap->logit_rows[i]] = 1;
+        for (int64_t r = 0; r < N; r++)
+            if (s.want[r]) s.wrow[nw++] = r;
+    }
     for (int64_t i = 0, r = 0, off = 0; i < b->n_seq; i++) {
         row0[i] = r;
         attn_off[i] = off;
@@ -336,7 +493,7 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
                 float *xr = s.x + r * d;
                 for (int j = 0; j < d; j++) xr[j] = e[j] * c->embed_scale;
             }
-        apply_patches(s.x, d, SITE_EMBED, -1, patches, n_patches);
+        apply_patches(s.x, d, SITE_EMBED, -1, patches, n_patches, NULL);
         if (c->learned_pos) {
             r = 0;
             for (int i = 0; i < b->n_seq; i++)
@@ -353,6 +510,11 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
 
     /* --- blocks ------------------------------------------------------------------------------ */
     for (int l = start_layer; l < end_layer; l++) {
+        if (prune && l == L - 1) {
+            if (last_block_rows(&s, m, b, nw, N, patches, n_patches, blocks, n_blocks, maxn, maxP))
+                FAIL("out of memory in attention");
+            break;
+        }
         const LayerWeights *lw = &w->layers[l];
         int64_t LN = (int64_t)l * N;
         if (cap->resid_pre) memcpy(cap->resid_pre + LN * d, s.x, sizeof(float) * N * d);
@@ -363,29 +525,19 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
         matmul(s.k, s.h, lw->W_K, lw->b_K, N, d, kvd);
         matmul(s.v, s.h, lw->W_V, lw->b_V, N, d, kvd);
         if (c->qk_norm) {
-#pragma omp parallel for schedule(static) if (N * qd > PAR_MIN)
-            for (int64_t i = 0; i < N * H; i++)
-                norm_row(s.q + i * dh, s.q + i * dh, dh, lw->q_norm_w, NULL, c->norm_eps, NORM_RMS);
-#pragma omp parallel for schedule(static) if (N * kvd > PAR_MIN)
-            for (int64_t i = 0; i < N * KV; i++)
-                norm_row(s.k + i * dh, s.k + i * dh, dh, lw->k_norm_w, NULL, c->norm_eps, NORM_RMS);
+            head_norm_rows(s.q, N * H, dh, lw->q_norm_w, c->norm_eps);
+            head_norm_rows(s.k, N * KV, dh, lw->k_norm_w, c->norm_eps);
         }
         if (c->rope) {
-            int tbl = c->layer_rope ? c->layer_rope[l] : 0;
-            const float *inv = c->rope_inv_freq + (int64_t)tbl * (dh / 2);
-            float ms = c->rope_mscale[tbl];
-#pragma omp parallel for schedule(static) if (N * (H + KV) * dh > PAR_MIN)
-            for (int64_t r = 0; r < N; r++) {
-                for (int h = 0; h < H; h++) rope_head(s.q + r * qd + h * dh, dh, s.pos[r], inv, ms);
-                for (int h = 0; h < KV; h++) rope_head(s.k + r * kvd + h * dh, dh, s.pos[r], inv, ms);
-            }
+            rope_rows(s.q, N, H, s.pos, c, l);
+            rope_rows(s.k, N, KV, s.pos, c, l);
         }
         if (cap->k_cache) memcpy(cap->k_cache + LN * kvd, s.k, sizeof(float) * N * kvd);
         if (cap->v_cache) memcpy(cap->v_cache + LN * kvd, s.v, sizeof(float) * N * kvd);
 
         /* per sequence: gather prefix + new keys/values, attend */
         if (attention_layer(s.z, cap->attn ? cap->attn + (int64_t)l * H * attn_total : NULL, attn_total, s.q, s.k,
-                            s.v, b, l, c, blocks, n_blocks, row0, attn_off, maxn, maxP))
+                            s.v, b, l, c, blocks, n_blocks, row0, attn_off, maxn, maxP, NULL))
             FAIL("out of memory in attention");
         if (cap->z) memcpy(cap->z + LN * qd, s.z, sizeof(float) * N * qd);
 
@@ -406,30 +558,19 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
                         for (int j = 0; j < d; j++) ho[i * d + j] = lw->post_attn_norm_w[j] * (ho[i * d + j] * s.rs[i]);
             }
         }
-        apply_patches(s.a, d, SITE_ATTN_OUT, l, patches, n_patches);
+        apply_patches(s.a, d, SITE_ATTN_OUT, l, patches, n_patches, NULL);
         if (cap->attn_out) memcpy(cap->attn_out + LN * d, s.a, sizeof(float) * N * d);
 #pragma omp parallel for schedule(static) if (N * d > PAR_MIN)
         for (int64_t i = 0; i < N * d; i++) s.x[i] += s.a[i];
         if (cap->resid_mid) memcpy(cap->resid_mid + LN * d, s.x, sizeof(float) * N * d);
 
-        /* MLP: h = norm(x); m = down(act(gate h) * up h) or down(act(up h)) */
-        norm_rows(s.h, NULL, s.x, N, d, lw->ln2_w, lw->ln2_b, c->norm_eps, c->norm);
-        matmul(s.up, s.h, lw->W_up, lw->b_up, N, d, F);
-        if (c->gated_mlp) {
-            matmul(s.gate, s.h, lw->W_gate, lw->b_gate, N, d, F);
-#pragma omp parallel for schedule(static) if (N * F > PAR_MIN)
-            for (int64_t i = 0; i < N * F; i++) s.up[i] = act_one(s.gate[i], c->act) * s.up[i];
-        } else {
-#pragma omp parallel for schedule(static) if (N * F > PAR_MIN)
-            for (int64_t i = 0; i < N * F; i++) s.up[i] = act_one(s.up[i], c->act);
-        }
-        matmul(s.a, s.up, lw->W_down, lw->b_down, N, F, d);
-        if (c->post_norms) norm_rows(s.a, NULL, s.a, N, d, lw->post_mlp_norm_w, NULL, c->norm_eps, NORM_RMS);
-        apply_patches(s.a, d, SITE_MLP_OUT, l, patches, n_patches);
+        /* MLP (of the rows whose output no patch sets) */
+        mlp_block(&s, lw, c, l, patches, n_patches, N);
+        apply_patches(s.a, d, SITE_MLP_OUT, l, patches, n_patches, NULL);
         if (cap->mlp_out) memcpy(cap->mlp_out + LN * d, s.a, sizeof(float) * N * d);
 #pragma omp parallel for schedule(static) if (N * d > PAR_MIN)
         for (int64_t i = 0; i < N * d; i++) s.x[i] += s.a[i];
-        apply_patches(s.x, d, SITE_RESID_POST, l, patches, n_patches);
+        apply_patches(s.x, d, SITE_RESID_POST, l, patches, n_patches, NULL);
     }
     if (cap->resid_final) memcpy(cap->resid_final, s.x, sizeof(float) * N * d);
 

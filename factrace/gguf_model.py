@@ -25,7 +25,7 @@ def hf_config_from_gguf(md: dict, tensors: dict, path) -> dict:
     """A Hugging Face style config dict from GGUF metadata (the same defaults transformers' GGUF loader
     uses for keys the file lacks, e.g. Gemma 3's local rope base 10000 and query_pre_attn_scalar)."""
     arch = md.get("general.architecture")
-    if arch not in ARCHS:
+    if not isinstance(arch, str) or arch not in ARCHS:
         raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHS)}")
     g = lambda k, default=None: _scalar(md.get(f"{arch}.{k}", default))  # noqa: E731
     req = {"block_count", "embedding_length", "attention.head_count"}

@@ -224,7 +224,7 @@ def _byte_level(metadata: Mapping[str, Any]) -> tuple[Tokenizer, list[str]]:
 
 def _sentencepiece(metadata: Mapping[str, Any], arch: str) -> tuple[Tokenizer, list[str]]:
     tokens = list(_get(metadata, "tokens"))
-    gemma = arch in _GEMMA_ARCHS or _get(metadata, "model") == "gemma4"
+    gemma = (isinstance(arch, str) and arch in _GEMMA_ARCHS) or _get(metadata, "model") == "gemma4"
     unk_id = _get(metadata, "unknown_token_id")
     if gemma:
         # multi-space tokens are stored as real spaces; the normalizer turns spaces into U+2581

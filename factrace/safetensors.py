@@ -102,7 +102,7 @@ class SafetensorsFile:
             if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"}:
                 raise self._err(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
             dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-            if dt not in DTYPES:
+            if not isinstance(dt, str) or dt not in DTYPES:
                 raise self._err(f"tensor {name!r}: unknown dtype {dt!r}")
             if not isinstance(shape, list) or len(shape) > 8 or not all(
                     isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2 ** 40 for x in shape):
@@ -225,7 +225,12 @@ class Checkpoint:
         for name, fn in wm.items():
             if not isinstance(fn, str) or "/" in fn or "\\" in fn or fn in ("", ".", "..") or not fn.endswith(".safetensors"):
                 raise CheckpointError(f"{index}: tensor {name!r} points to a bad file name {fn!r}")
-            if not (self.dir / fn).is_file():
+            try:
+                exists = (self.dir / fn).is_file()
+            except (OSError, ValueError) as e:  # e.g. a name longer than the file system allows
+                raise CheckpointError(f"{index}: tensor {name!r} points to a bad file name {fn[:100]!r}... "
+                                      f"({getattr(e, 'strerror', None) or e})") from None
+            if not exists:
                 raise CheckpointError(f"{index}: tensor {name!r} points to {fn}, which does not exist in {self.dir}")
             f = self._open(fn)
             if name not in f.tensors:

@@ -261,13 +261,15 @@ class _Tracer:
 
     # -- fast restoration of many cells in one C call --------------------------------------------
     def _restore(self, start_layer, positions, first_rows_value=None, base=0, patches=None, end_layer=None,
-                 inputs=None):
+                 inputs=None, capture_mid=False):
         """Run, for every position t in ``positions`` and every sample s, the corrupted sequence through
         blocks ``start_layer`` .. ``end_layer``-1 at positions t .. T-1 only (earlier keys and values
         come from the corrupted run's cache), with row t of the input replaced by
         ``first_rows_value[t_index]`` ((n_t, d) or (n_t, S, d)) and ``patches(t_index, s) -> [(site,
-        layer, value)]`` applied to row t. ``inputs`` (R, d) replaces the corrupted input rows.
-        Returns (len(positions),) mean answer probabilities, or with ``end_layer < L`` the output rows."""
+        layer, value)]`` applied to row t. ``inputs`` (R, d) replaces the corrupted input rows (the same
+        stacked layout: for each t, for each s, rows t .. T-1).
+        Returns (len(positions),) mean answer probabilities, or with ``end_layer < L`` the output rows
+        (R, d), and with ``capture_mid`` also block ``start_layer``'s resid_mid rows (R, d)."""
         S, T, L = self.S, self.T, self.L
         end_layer = L if end_layer is None else end_layer
         cor = self.corrupt[base]
@@ -303,6 +305,8 @@ class _Tracer:
         if end_layer < L:
             out = np.empty((row, self.d), np.float32)
             cap, lrows = {"resid_final": out}, None
+            if capture_mid:
+                cap["resid_mid"] = np.empty((L, row, self.d), np.float32)
         else:
             out = np.empty((len(last), self.m.config.vocab_size), np.float32)
             cap, lrows = {"logits": out}, np.array(last, np.int64)
@@ -310,7 +314,7 @@ class _Tracer:
                              seq_starts=np.array(starts, np.int32), prefix_k=cor["k_cache"], prefix_v=cor["v_cache"],
                              prefix_rows=np.array(prows, np.int64), capture=cap, logit_rows=lrows, **kw)
         if end_layer < L:
-            return out
+            return (out, cap["resid_mid"][start_layer]) if capture_mid else out
         return _softmax_prob(out, self.answer).reshape(len(positions), S).mean(1)
 
     def hidden_scores(self) -> np.ndarray:
@@ -323,49 +327,112 @@ class _Tracer:
         scores[T - 1, L - 1] = self.high
         return scores
 
+    def _row_step(self, layer, x, attn_value):
+        """Row t of every (t, s) alone through block ``layer``, its attention output set to
+        ``attn_value[t_index]``; the keys and values of positions < t come from the corrupted cache.
+        x (n_t, S, d) block inputs -> (n_t, S, d) block outputs. (The rows after t need no step: with only
+        row t's attention output restored, their block ``layer`` is the corrupted run's.)"""
+        n_t, S, d = x.shape
+        R = n_t * S
+        cor = self.corrupt[0]
+        out = np.empty((R, d), np.float32)
+        self.m._core.forward(np.ones(R, np.int32), resid_in=np.ascontiguousarray(x.reshape(R, d), dtype=np.float32),
+                             start_layer=layer, end_layer=layer + 1,
+                             seq_starts=np.repeat(np.arange(self.b, self.T), S).astype(np.int32),
+                             prefix_k=cor["k_cache"], prefix_v=cor["v_cache"],
+                             prefix_rows=np.tile(np.arange(S) * self.T, n_t).astype(np.int64),
+                             capture={"resid_final": out},
+                             patch_site=np.full(R, iv.SITES["attn_out"], np.int32),
+                             patch_layer=np.full(R, layer, np.int32), patch_row=np.arange(R, dtype=np.int64),
+                             patch_op=np.zeros(R, np.int32),
+                             patch_value=np.ascontiguousarray(np.repeat(attn_value, S, axis=0), dtype=np.float32))
+        return out.reshape(n_t, S, d)
+
+    def _first_rows(self, positions) -> np.ndarray:
+        """Indices of row t of every (t, s) block in _restore's stacked layout."""
+        lens = np.repeat([self.T - t for t in positions], self.S)
+        return np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+
     def window_scores(self, kind: str, window: int) -> np.ndarray:
-        """Cells (t, l) restore the ``kind`` output at position t in layers lo(l) .. hi(l)-1. Two savings
-        on top of _restore: (1) an MLP restoration changes only row t at layer lo, so the run starts at
-        lo + 1 with that row precomputed; (2) the cells whose window starts at layer 0 share the layers
-        up to the smallest hi, computed once (a trunk), then branch."""
+        """Cells (t, l) restore the ``kind`` output at position t in layers lo(l) .. hi(l)-1. Savings on
+        top of _restore:
+        (1) entry: restoring block lo's output at row t changes only row t in block lo (the later rows'
+            keys, values and queries there come from unchanged inputs), so every run starts at lo + 1
+            with row t's block-lo output precomputed (MLP: corrupted resid_mid + clean mlp_out; attention:
+            a one-row step, _row_step);
+        (2) a trunk: the cells whose window starts at layer 0 share their restored layers. The trunk
+            advances with restorations; where a group of cells' windows end at layer h they branch off
+            and run to the logits unrestored, and the trunk's block h is taken from the branch's (it
+            differs only at row t, which is set from the branch's resid_mid, or stepped alone)."""
         T, L, S, d = self.T, self.L, self.S, self.d
+        b = self.b
         site = iv.SITES[kind + "_out"]
         clean = self.clean.mlp_out if kind == "mlp" else self.clean.attn_out
         cor = self.corrupt[0]
         scores = np.full((T, L), self.low)
-        ts = list(range(self.b, T))
+        ts = list(range(b, T))
+        first_idx = self._first_rows(ts)
         lo_of = lambda l: max(0, l - window // 2)  # noqa: E731
         hi_of = lambda l: min(L, l - (-window // 2))  # noqa: E731
 
-        def entry(lo):
-            """(start layer, first-row values (n_t, S, d) or None) for a restoration starting at lo."""
-            if kind != "mlp":
-                return lo, None
-            mid = cor["resid_mid"][lo].reshape(S, T, d)[:, self.b:]          # (S, n_t, d)
-            first = (mid + clean[lo, self.b:][None]).transpose(1, 0, 2)        # (n_t, S, d), float32 add as in C
-            return lo + 1, first
+        def block_out_row_t(lo, x_t):
+            """(n_t, S, d) row t's output of block lo with the kind's output restored; x_t its inputs."""
+            if kind == "mlp":
+                mid = cor["resid_mid"][lo].reshape(S, T, d)[:, b:].transpose(1, 0, 2)  # (n_t, S, d)
+                return mid + clean[lo, b:][:, None]                                   # float32 add as in C
+            return self._row_step(lo, x_t, clean[lo, b:])
+
+        def corrupted_row_t(layer):
+            return cor["resid_pre"][layer].reshape(S, T, d)[:, b:].transpose(1, 0, 2)
 
         def patch_fn(layers):
             return lambda ti, s: [(site, j, clean[j, ts[ti]]) for j in layers]
 
-        trunk_cells = [l for l in range(L) if lo_of(l) == 0]
-        h0 = min(hi_of(l) for l in trunk_cells)
-        start, first = entry(0)
-        if h0 == L:  # every lo == 0 cell restores the same layers
-            p = self._restore(start, ts, first_rows_value=first, patches=patch_fn(range(start, L)))
-            for l in trunk_cells:
-                scores[self.b:, l] = p
+        # (2) the trunk of the cells with lo == 0, grouped by where their windows end
+        first = block_out_row_t(0, corrupted_row_t(0))
+        ends = sorted({hi_of(l) for l in range(L) if lo_of(l) == 0})
+        cells_ending = {h: [l for l in range(L) if lo_of(l) == 0 and hi_of(l) == h] for h in ends}
+        if ends[0] == L:  # every trunk cell restores to the top
+            p = self._restore(1, ts, first_rows_value=first, patches=patch_fn(range(1, L)))
+            X = cur = None
+            for l in cells_ending[L]:
+                scores[b:, l] = p
+        elif ends[0] == 1:
+            X = self._restore(1, ts, first_rows_value=first, end_layer=1)  # just the stacked inputs
+            cur = 1
         else:
-            x = self._restore(start, ts, first_rows_value=first, patches=patch_fn(range(start, h0)), end_layer=h0)
-            for l in trunk_cells:
-                scores[self.b:, l] = self._restore(h0, ts, inputs=x, patches=patch_fn(range(h0, hi_of(l))))
+            X = self._restore(1, ts, first_rows_value=first, patches=patch_fn(range(1, ends[0])), end_layer=ends[0])
+            cur = ends[0]
+        for i, h in enumerate(ends if X is not None else []):
+            if h == L:  # the last cells restore through the top: finish the trunk
+                p = self._restore(cur, ts, inputs=X, patches=patch_fn(range(cur, L)))
+            else:
+                if h > cur:
+                    X = self._restore(cur, ts, inputs=X, patches=patch_fn(range(cur, h)), end_layer=h)
+                    cur = h
+                if i == len(ends) - 1 or h + 1 == L:  # nobody continues past block h: branch straight
+                    p = self._restore(h, ts, inputs=X)        # to the logits (the trunk keeps X)
+                else:
+                    Xb, mid = self._restore(h, ts, inputs=X, end_layer=h + 1, capture_mid=True)
+                    p = self._restore(h + 1, ts, inputs=Xb)
+                    # the trunk through block h = the branch's, with row t restored
+                    if kind == "mlp":
+                        row_t = mid[first_idx] + np.repeat(clean[h, b:], S, axis=0)
+                    else:
+                        row_t = self._row_step(h, X[first_idx].reshape(len(ts), S, d), clean[h, b:]).reshape(-1, d)
+                    X = Xb
+                    X[first_idx] = row_t
+                    cur = h + 1
+            for l in cells_ending[h]:
+                scores[b:, l] = p
+
+        # (1) every other cell from its own entry
         for l in range(L):
             lo = lo_of(l)
             if lo == 0:
                 continue
-            start, first = entry(lo)
-            scores[self.b:, l] = self._restore(start, ts, first_rows_value=first,
-                                               patches=patch_fn(range(start, hi_of(l))))
+            first = block_out_row_t(lo, corrupted_row_t(lo))
+            scores[b:, l] = self._restore(lo + 1, ts, first_rows_value=first, patches=patch_fn(range(lo + 1, hi_of(l))))
         return scores
 
     # -- naive: every cell a full forward pass of the S corrupted rows ----------------------------

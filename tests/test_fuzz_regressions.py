@@ -128,3 +128,44 @@ def test_gguf_tokenizer_merge_out_of_vocabulary(tmp_path):
           "tokenizer.ggml.merges": ["m e"]}
     with pytest.raises(ValueError, match="out of vocabulary"):
         load_tokenizer(md)
+
+
+@pytest.mark.parametrize("dtype", [[2, 3], {"F32": 1}, 5, None])
+def test_safetensors_dtype_not_a_string(tmp_path, dtype):
+    # fuzz safetensors-0c5c1f770e70: `"dtype": [2, 3]` raised TypeError: unhashable type: 'list'
+    header = json.dumps({"w": {"dtype": dtype, "shape": [1], "data_offsets": [0, 4]}}).encode()
+    p = _write(tmp_path / "m.safetensors", len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    with pytest.raises(CheckpointError, match="unknown dtype"):
+        SafetensorsFile(p)
+
+
+@pytest.mark.parametrize("rope_scaling", [1, "linear", [1, 2], True])
+def test_config_rope_scaling_not_an_object(rope_scaling):
+    # fuzz (CI, config): `"rope_scaling": 1` raised AttributeError: 'int' object has no attribute 'get'
+    with pytest.raises(ConfigError, match="rope"):
+        from_hf_config({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+                        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
+                        "rope_scaling": rope_scaling})
+
+
+def test_gguf_architecture_not_a_string(tmp_path):
+    # the GGUF twin of the two above: general.architecture stored as an array of strings
+    b = gb.GGUFBuilder(version=3)
+    b.add_kv("general.architecture", gb.ARRAY, ["llama", "qwen2"], gb.STRING)
+    b.add_tensor("token_embd.weight", (32, 10), gb.GGML_ID["F32"])
+    p = _write(tmp_path / "m.gguf", b.build())
+    with pytest.raises((ConfigError, GGUFError), match="architecture"):
+        load_gguf(p)
+
+
+def test_index_shard_name_too_long(tmp_path):
+    # fuzz st_index: a 300-byte shard name made Path.is_file raise OSError (ENAMETOOLONG)
+    d = tmp_path / "sharded"
+    shutil.copytree(FIX / "llama_sharded", d)
+    index = d / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = next(iter(data["weight_map"]))
+    data["weight_map"][name] = "m" * 300 + ".safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="bad file name"):
+        load_hf_dir(d)

@@ -23,6 +23,43 @@ def test_fast_equals_naive(name):
         assert f.low_score == n.low_score and f.high_score == n.high_score
 
 
+def _deep_model(name, n_layers, seed=0):
+    """A fixture's blocks repeated (each copy perturbed) to ``n_layers`` layers: a deeper random model, so
+    that windows end and begin at many layers (the trunk and entry paths of the fast engine)."""
+    import copy
+
+    m = fixture_model(name)
+    cfg = copy.deepcopy(m.config)
+    L0 = cfg.n_layers
+    rs = np.random.RandomState(seed)
+    w = {k: v for k, v in m.weights.items() if not k.startswith("blocks.")}
+    for i in range(n_layers):
+        for k, v in m.weights.items():
+            pre = f"blocks.{i % L0}."
+            if k.startswith(pre):
+                w[f"blocks.{i}." + k[len(pre):]] = (v + rs.randn(*v.shape).astype(np.float32) * 0.02).astype(np.float32)
+    cfg.n_layers = n_layers
+    cfg.layer_window = [cfg.layer_window[i % L0] if cfg.layer_window else 0 for i in range(n_layers)]
+    cfg.layer_rope = [cfg.layer_rope[i % L0] if cfg.layer_rope else 0 for i in range(n_layers)]
+    return factrace.Model(cfg, w, tokenizer=m.tokenizer, name=f"{name}-deep{n_layers}")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen3", "gemma3"])
+def test_fast_equals_naive_every_window_deep_model(name):
+    """Every window size from 1 to beyond L on a 7-layer model: trunk groups ending at every layer,
+    windows reaching the top, entries at every layer including the last."""
+    m = _deep_model(name, 7)
+    ids = expected(name)["p1_ids"][:8]
+    for kind in ("mlp", "attn"):
+        for window in (1, 2, 3, 4, 5, 7, 9, 14):
+            f = trace(m, ids, (1, 3), kind=kind, window=window, noise=0.5, samples=3)
+            n = trace(m, ids, (1, 3), kind=kind, window=window, noise=0.5, samples=3, engine="naive")
+            np.testing.assert_allclose(f.scores, n.scores, atol=1e-5, rtol=0, err_msg=f"{kind} window {window}")
+    f = trace(m, ids, (1, 3), kind="hidden", noise=0.5, samples=3)
+    n = trace(m, ids, (1, 3), kind="hidden", noise=0.5, samples=3, engine="naive")
+    np.testing.assert_allclose(f.scores, n.scores, atol=1e-5, rtol=0)
+
+
 def test_cells_before_subject_are_exactly_low_and_last_cell_is_clean():
     m = fixture_model("llama_gqa2_tied")
     ids = expected("llama_gqa2_tied")["p1_ids"]
