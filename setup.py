@@ -61,7 +61,7 @@ blas = blas_flags()
 print(f"factrace: building with BLAS = {blas['name']}")
 
 cflags = ["-std=c11", "-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
-          "-fno-strict-aliasing"]
+          "-fno-strict-aliasing", "-fno-trapping-math"]  # no FP traps: lets branch-free loops vectorize
 if DEBUG:
     cflags = [f for f in cflags if f != "-O3"] + ["-O1", "-g", "-fno-omit-frame-pointer"]
 ldflags = []
@@ -77,17 +77,17 @@ common = dict(
     extra_link_args=ldflags,
 )
 
-# FACTRACE_OPENMP=1 threads the loops between matrix products (attention of short sequences, norms,
-# activations) with OpenMP: ~13% faster forward passes on 2 cores alone, but much slower in a process
-# that imported torch first (its libgomp, spinning by default, then serves factrace's parallel regions
-# and starves OpenBLAS's threads), so it is off by default.
-omp = ["-fopenmp"] if os.environ.get("FACTRACE_OPENMP", "0") == "1" else ["-Wno-unknown-pragmas"]
+# The loops between matrix products (norms, activations, attention of short sequences) run on a small
+# pthread pool of csrc/pool.c, one per forward call, sized like OpenBLAS's thread count. (Not OpenMP: in
+# a process that imported torch first, torch's spinning libgomp would serve the parallel regions and
+# starve OpenBLAS's threads.)
 core = Extension(
     "factrace._core",
-    sources=["csrc/module.c", "csrc/forward.c", "csrc/convert.c"],
+    sources=["csrc/module.c", "csrc/forward.c", "csrc/pool.c", "csrc/convert.c"],
     library_dirs=blas["library_dirs"],
     libraries=blas["libraries"] + ["m"],
-    **{**common, "extra_compile_args": cflags + omp, "extra_link_args": ldflags + omp + blas["extra_link_args"]},
+    **{**common, "extra_compile_args": cflags + ["-pthread"],
+       "extra_link_args": ldflags + ["-pthread"] + blas["extra_link_args"]},
 )
 gguf_sources = [p for p in ("csrc/gguf.c", "csrc/quant.c", "csrc/gguf_module.c") if os.path.exists(p)]
 exts = [core]

@@ -100,6 +100,7 @@ typedef struct {
     float *final_scale; /* (N,) the final norm's 1/sqrt(var+eps) per row */
     const int64_t *logit_rows; int64_t n_logit_rows; /* rows whose logits are wanted */
     float *logits;      /* (n_logit_rows, V) */
+    const int64_t *targets; double *target_prob; /* (n_logit_rows,): softmax probability of targets[i] */
 } Capture;
 
 typedef struct {

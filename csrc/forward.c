@@ -1,31 +1,71 @@
 /* The forward pass of a decoder-only transformer, one function per operation.
  * Numerics follow Hugging Face transformers in float32 (see each function). */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "blas.h"
 #include "factrace.h"
+#include "pool.h"
 
-/* Element counts below which loops stay on one thread (OpenMP, when built with it). */
-#define PAR_MIN (1 << 15)
+/* Loops between the matrix products run on the pool (pool.c) in chunks of at least this many floats of
+ * work, and in about 4 chunks per thread. */
+#define PAR_MIN (1 << 14)
+
+/* The elementwise loops with exps (activations, softmax over the vocabulary) are compiled for AVX-512
+ * and AVX2 too, picked at load time (GCC function multiversioning on x86-64 Linux); the arithmetic is
+ * the same IEEE operations in every version (no FMA contraction under -std=c11). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+/* Chunk size for a loop of n items of `per_item` floats each. */
+static int64_t grain_of(const Pool *pool, int64_t n, int64_t per_item) {
+    int64_t g = (n + 4 * pool_threads(pool) - 1) / (4 * pool_threads(pool));
+    int64_t min_items = (PAR_MIN + per_item - 1) / (per_item > 0 ? per_item : 1);
+    return g > min_items ? g : min_items;
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* elementary operations                                                                       */
 
+typedef struct { float *out; const float *bias; int n_out; } BiasLoop;
+
+static void bias_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+    BiasLoop *a = ctx;
+    for (int64_t i = lo; i < hi; i++) {
+        float *o = a->out + i * a->n_out;
+        for (int j = 0; j < a->n_out; j++) o[j] += a->bias[j];
+    }
+}
+
 /* out (N, n_out) = x (N, n_in) @ W^T (W: (n_out, n_in)) + bias (n_out,) */
-static void matmul(float *out, const float *x, const float *W, const float *bias, int64_t N, int n_in,
+static void matmul(Pool *pool, float *out, const float *x, const float *W, const float *bias, int64_t N, int n_in,
                    int n_out) {
     if (N <= 0) return;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, n_out, n_in, 1.0f, x, n_in, W, n_in, 0.0f,
                 out, n_out);
-    if (bias)
-#pragma omp parallel for schedule(static) if (N * n_out > PAR_MIN)
-        for (int64_t i = 0; i < N; i++) {
-            float *o = out + i * n_out;
-            for (int j = 0; j < n_out; j++) o[j] += bias[j];
-        }
+    if (bias) {
+        BiasLoop a = {out, bias, n_out};
+        pool_for(pool, N, grain_of(pool, N, n_out), bias_range, &a);
+    }
+}
+
+typedef struct { float *x; const float *y; } AddLoop;
+
+static void add_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+    AddLoop *a = ctx;
+    for (int64_t i = lo; i < hi; i++) a->x[i] += a->y[i];
+}
+
+/* x (n,) += y (n,) */
+static void add_into(Pool *pool, float *x, const float *y, int64_t n) {
+    AddLoop a = {x, y};
+    pool_for(pool, n, grain_of(pool, n, 1), add_range, &a);
 }
 
 /* One row of a norm. LayerNorm: (x - mean) / sqrt(var + eps) * w + b (biased variance, like torch).
@@ -58,27 +98,62 @@ static float norm_row(float *out, const float *x, int d, const float *w, const f
     return rs;
 }
 
-/* out (N, d) = norm(x (N, d)); scale (N,) optional */
-static void norm_rows(float *out, float *scale, const float *x, int64_t N, int d, const float *w,
-                      const float *b, float eps, int kind) {
-#pragma omp parallel for schedule(static) if (N * d > PAR_MIN)
-    for (int64_t i = 0; i < N; i++) {
-        float rs = norm_row(out + i * d, x + i * d, d, w, b, eps, kind);
-        if (scale) scale[i] = rs;
+typedef struct { float *out, *scale; const float *x, *w, *b; int d, kind; float eps; } NormLoop;
+
+static void norm_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+    NormLoop *a = ctx;
+    for (int64_t i = lo; i < hi; i++) {
+        float rs = norm_row(a->out + i * a->d, a->x + i * a->d, a->d, a->w, a->b, a->eps, a->kind);
+        if (a->scale) a->scale[i] = rs;
     }
 }
 
-static float act_one(float x, int act) {
+/* out (N, d) = norm(x (N, d)) (in place when out == x); scale (N,) optional */
+static void norm_rows(Pool *pool, float *out, float *scale, const float *x, int64_t N, int d, const float *w,
+                      const float *b, float eps, int kind) {
+    NormLoop a = {out, scale, x, w, b, d, kind, eps};
+    pool_for(pool, N, grain_of(pool, N, d), norm_range, &a);
+}
+
+/* exp(x) in float32 for the activations and the softmax over the vocabulary: x = n ln2 + r (two-part
+ * ln2), exp(r) by Cephes' degree-6 polynomial, times 2^n built in the exponent bits. Largest relative
+ * error 8e-8 (glibc's expf: 6e-8), branch-free so that loops of it vectorize; x clamped to
+ * [-87, 88] (exp(-87) = 1.6e-38 stands in for anything smaller). */
+static inline float fast_expf(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+/* SiLU x sigmoid(x) = x / (1 + exp(-x)) */
+static inline float silu(float x) { return x / (1.0f + fast_expf(-x)); }
+
+/* tanh-approximated GELU (gelu_new, gelu_pytorch_tanh): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715
+ * x^3), written as x / (1 + exp(-2u)) (the same function, one exp) */
+static inline float gelu_tanh(float x) {
+    const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
+    float u = k * (x + 0.044715f * x * x * x);
+    return x / (1.0f + fast_expf(-2.0f * u));
+}
+
+static inline float act_one(float x, int act) {
     switch (act) {
-    case ACT_SILU: return x / (1.0f + expf(-x));
+    case ACT_SILU: return silu(x);
     case ACT_GELU_ERF: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
     case ACT_RELU: return x > 0.0f ? x : 0.0f;
-    default: { /* tanh approximation (gelu_new, gelu_pytorch_tanh): 0.5 x (1 + tanh(u)), written as
-                * x / (1 + exp(-2u)) (the same function; one expf instead of tanhf, within 1 ulp) */
-        const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
-        float u = k * (x + 0.044715f * x * x * x);
-        return x / (1.0f + expf(-2.0f * u));
-    }
+    default: return gelu_tanh(x);
     }
 }
 
@@ -96,39 +171,57 @@ static void rope_head(float *x, int dh, int pos, const float *inv_freq, float ms
     }
 }
 
+typedef struct { float *up; const float *gate; int act; } ActLoop;
+
+/* up = act(gate) * up (gated MLP) or act(up); one loop per common activation so that it vectorizes */
+VECTOR_CLONES static void act_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+    ActLoop *a = ctx;
+    float *up = a->up;
+    const float *g = a->gate;
+    if (g && a->act == ACT_SILU)
+        for (int64_t i = lo; i < hi; i++) up[i] = silu(g[i]) * up[i];
+    else if (g && a->act == ACT_GELU_TANH)
+        for (int64_t i = lo; i < hi; i++) up[i] = gelu_tanh(g[i]) * up[i];
+    else if (g)
+        for (int64_t i = lo; i < hi; i++) up[i] = act_one(g[i], a->act) * up[i];
+    else if (a->act == ACT_GELU_TANH)
+        for (int64_t i = lo; i < hi; i++) up[i] = gelu_tanh(up[i]);
+    else
+        for (int64_t i = lo; i < hi; i++) up[i] = act_one(up[i], a->act);
+}
+
 /* out (N, d) = MLP(x (N, d)): h = norm(x); down(act(gate h) * up h) or down(act(up h)); Gemma: then the
  * post-MLP norm. h (N, d), up, gate (N, F) scratch. */
-static void mlp_rows(float *out, float *h, float *up, float *gate, const float *x, int64_t N, const LayerWeights *lw,
-                     const Config *c) {
+static void mlp_rows(Pool *pool, float *out, float *h, float *up, float *gate, const float *x, int64_t N,
+                     const LayerWeights *lw, const Config *c) {
     int d = c->d_model, F = c->d_mlp;
-    norm_rows(h, NULL, x, N, d, lw->ln2_w, lw->ln2_b, c->norm_eps, c->norm);
-    matmul(up, h, lw->W_up, lw->b_up, N, d, F);
-    if (c->gated_mlp) {
-        matmul(gate, h, lw->W_gate, lw->b_gate, N, d, F);
-#pragma omp parallel for schedule(static) if (N * F > PAR_MIN)
-        for (int64_t i = 0; i < N * F; i++) up[i] = act_one(gate[i], c->act) * up[i];
-    } else {
-#pragma omp parallel for schedule(static) if (N * F > PAR_MIN)
-        for (int64_t i = 0; i < N * F; i++) up[i] = act_one(up[i], c->act);
-    }
-    matmul(out, up, lw->W_down, lw->b_down, N, F, d);
-    if (c->post_norms) norm_rows(out, NULL, out, N, d, lw->post_mlp_norm_w, NULL, c->norm_eps, NORM_RMS);
+    norm_rows(pool, h, NULL, x, N, d, lw->ln2_w, lw->ln2_b, c->norm_eps, c->norm);
+    matmul(pool, up, h, lw->W_up, lw->b_up, N, d, F);
+    if (c->gated_mlp) matmul(pool, gate, h, lw->W_gate, lw->b_gate, N, d, F);
+    ActLoop a = {up, c->gated_mlp ? gate : NULL, c->act};
+    pool_for(pool, N * F, grain_of(pool, N * F, 8), act_range, &a);
+    matmul(pool, out, up, lw->W_down, lw->b_down, N, F, d);
+    if (c->post_norms) norm_rows(pool, out, NULL, out, N, d, lw->post_mlp_norm_w, NULL, c->norm_eps, NORM_RMS);
 }
 
 /* Per-head RMSNorm (Qwen3/Gemma q_norm, k_norm) in place: x (n_vec, dh) */
-static void head_norm_rows(float *x, int64_t n_vec, int dh, const float *w, float eps) {
-#pragma omp parallel for schedule(static) if (n_vec * dh > PAR_MIN)
-    for (int64_t i = 0; i < n_vec; i++) norm_row(x + i * dh, x + i * dh, dh, w, NULL, eps, NORM_RMS);
+static void head_norm_rows(Pool *pool, float *x, int64_t n_vec, int dh, const float *w, float eps) {
+    norm_rows(pool, x, NULL, x, n_vec, dh, w, NULL, eps, NORM_RMS);
+}
+
+typedef struct { float *x; int nh, dh; const int *pos; const float *inv; float ms; } RopeLoop;
+
+static void rope_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+    RopeLoop *a = ctx;
+    for (int64_t r = lo; r < hi; r++)
+        for (int h = 0; h < a->nh; h++) rope_head(a->x + (r * a->nh + h) * a->dh, a->dh, a->pos[r], a->inv, a->ms);
 }
 
 /* Rotary embedding in place of x (N, nh*dh), row r at absolute position pos[r], with layer l's table */
-static void rope_rows(float *x, int64_t N, int nh, const int *pos, const Config *c, int l) {
+static void rope_rows(Pool *pool, float *x, int64_t N, int nh, const int *pos, const Config *c, int l) {
     int dh = c->d_head, tbl = c->layer_rope ? c->layer_rope[l] : 0;
-    const float *inv = c->rope_inv_freq + (int64_t)tbl * (dh / 2);
-    float ms = c->rope_mscale[tbl];
-#pragma omp parallel for schedule(static) if (N * nh * dh > PAR_MIN)
-    for (int64_t r = 0; r < N; r++)
-        for (int h = 0; h < nh; h++) rope_head(x + (r * nh + h) * dh, dh, pos[r], inv, ms);
+    RopeLoop a = {x, nh, dh, pos, c->rope_inv_freq + (int64_t)tbl * (dh / 2), c->rope_mscale[tbl]};
+    pool_for(pool, N, grain_of(pool, N, (int64_t)nh * dh * 8), rope_range, &a);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -252,71 +345,134 @@ static void apply_patches(float *x, int d, int site, int layer, const Patch *p, 
     }
 }
 
-/* One layer's attention for every sequence of the batch (in parallel over sequences when all are
- * short). q (N, H*dh), k, v (N, KV*dh) this layer's new rows; each sequence's keys/values are its
- * prefix cache rows followed by its new rows. z (N, H*dh) output; probs (H, attn_total) optional, laid
- * out per head as each sequence's (n, P) block at attn_off[s]; want (N,) optional: only these query
- * rows are computed (their q rows are the only ones read); maxn, maxP: the largest new-row count and
- * key count of a sequence (scratch sizes). Returns 0, or -1 if out of memory. */
-static int attention_layer(float *z, float *probs, int64_t attn_total, const float *q, const float *k,
+typedef struct {
+    float *z, *probs;
+    int64_t attn_total;
+    const float *q, *k, *v;
+    const Batch *b;
+    int l, window;
+    const Config *c;
+    const EdgeBlock *blocks;
+    int64_t n_blocks;
+    const int64_t *row0, *attn_off;
+    int64_t maxn, maxP;
+    const unsigned char *want;
+    int failed;
+} AttnLoop;
+
+/* Sequences lo .. hi-1 of attention_layer, with their own scratch. */
+static void attn_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+    AttnLoop *a = ctx;
+    const Config *c = a->c;
+    const Batch *b = a->b;
+    int H = c->n_heads, kvd = c->n_kv_heads * c->d_head, qd = H * c->d_head, l = a->l;
+    int64_t maxn = a->maxn, maxP = a->maxP;
+    /* scratch: keys/values (P, KV*dh), scores (P,), blocked (n, P), probs (H, n, P) */
+    float *kall = malloc(sizeof(float) * maxP * kvd), *vall = malloc(sizeof(float) * maxP * kvd);
+    float *scores = malloc(sizeof(float) * (maxP + 1));
+    unsigned char *blocked = a->n_blocks > 0 ? malloc((size_t)(maxn * maxP)) : NULL;
+    float *tmp = a->probs ? malloc(sizeof(float) * (size_t)H * maxn * maxP) : NULL;
+    if (!kall || !vall || !scores || (a->n_blocks > 0 && !blocked) || (a->probs && !tmp)) {
+        __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
+        lo = hi;
+    }
+    for (int64_t i = lo; i < hi; i++) {
+        int n = b->len[i], st = b->start[i], P = st + n;
+        int64_t r0 = a->row0[i];
+        if (a->want) { /* skip sequences with no wanted row */
+            int any = 0;
+            for (int t = 0; t < n && !any; t++) any = a->want[r0 + t];
+            if (!any) continue;
+        }
+        if (st > 0) {
+            memcpy(kall, b->pk[i] + l * b->pstride, sizeof(float) * st * kvd);
+            memcpy(vall, b->pv[i] + l * b->pstride, sizeof(float) * st * kvd);
+        }
+        memcpy(kall + (int64_t)st * kvd, a->k + r0 * kvd, sizeof(float) * n * kvd);
+        memcpy(vall + (int64_t)st * kvd, a->v + r0 * kvd, sizeof(float) * n * kvd);
+        unsigned char *blk = NULL;
+        for (int64_t e = 0; e < a->n_blocks; e++) {
+            const EdgeBlock *eb = &a->blocks[e];
+            if (eb->layer != l || eb->row < r0 || eb->row >= r0 + n || eb->key < 0 || eb->key >= P) continue;
+            if (!blk) memset(blocked, 0, (size_t)n * P);
+            blk = blocked;
+            blocked[(eb->row - r0) * P + eb->key] = 1;
+        }
+        attend_sequence(a->z + r0 * qd, tmp, a->q + r0 * qd, kall, vall, n, st, c, a->window, blk,
+                        a->want ? a->want + r0 : NULL, scores);
+        if (tmp) /* layout (H, attn_total): per head, this sequence's (n, P) block */
+            for (int h = 0; h < H; h++)
+                memcpy(a->probs + (int64_t)h * a->attn_total + a->attn_off[i], tmp + (int64_t)h * n * P,
+                       sizeof(float) * n * P);
+    }
+    free(kall); free(vall); free(scores); free(blocked); free(tmp);
+}
+
+/* One layer's attention for every sequence of the batch (on the pool, over sequences, when all are
+ * short; long ones attend through matrix products, one sequence at a time). q (N, H*dh), k, v (N, KV*dh)
+ * this layer's new rows; each sequence's keys/values are its prefix cache rows followed by its new rows.
+ * z (N, H*dh) output; probs (H, attn_total) optional, laid out per head as each sequence's (n, P) block
+ * at attn_off[s]; want (N,) optional: only these query rows are computed (their q rows are the only
+ * ones read); maxn, maxP: the largest new-row count and key count of a sequence (scratch sizes).
+ * Returns 0, or -1 if out of memory. */
+static int attention_layer(Pool *pool, float *z, float *probs, int64_t attn_total, const float *q, const float *k,
                            const float *v, const Batch *b, int l, const Config *c, const EdgeBlock *blocks,
                            int64_t n_blocks, const int64_t *row0, const int64_t *attn_off, int64_t maxn,
                            int64_t maxP, const unsigned char *want) {
-    int H = c->n_heads, kvd = c->n_kv_heads * c->d_head, qd = H * c->d_head;
-    int window = c->layer_window ? c->layer_window[l] : 0;
-    int failed = 0;
-#pragma omp parallel if (maxn < ATTN_GEMM_MIN_ROWS && b->n_seq > 1)
-    {
-        /* per-thread scratch: keys/values (P, KV*dh), scores (P,), blocked (n, P), probs (H, n, P) */
-        float *kall = malloc(sizeof(float) * maxP * kvd), *vall = malloc(sizeof(float) * maxP * kvd);
-        float *scores = malloc(sizeof(float) * (maxP + 1));
-        unsigned char *blocked = n_blocks > 0 ? malloc((size_t)(maxn * maxP)) : NULL;
-        float *tmp = probs ? malloc(sizeof(float) * (size_t)H * maxn * maxP) : NULL;
-        int ok = kall && vall && scores && (n_blocks == 0 || blocked) && (!probs || tmp);
-        if (!ok) {
-#pragma omp atomic write
-            failed = 1;
+    AttnLoop a = {z, probs, attn_total, q, k, v, b, l, c->layer_window ? c->layer_window[l] : 0, c, blocks,
+                  n_blocks, row0, attn_off, maxn, maxP, want, 0};
+    int64_t per_seq = 4 * maxn * maxP * c->n_heads * c->d_head; /* ~ floats of work per sequence */
+    Pool *p = maxn < ATTN_GEMM_MIN_ROWS ? pool : NULL;
+    pool_for(p, b->n_seq, grain_of(p, b->n_seq, per_seq), attn_range, &a);
+    return a.failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* unembedding                                                                                  */
+
+/* logits (n, V) = h (n, d) @ W_U^T, then the final softcap (Gemma 2 style) if any */
+static void unembed(Pool *pool, float *logits, const float *h, int64_t n, const Model *m) {
+    const Config *c = &m->cfg;
+    int64_t V = c->vocab_size;
+    matmul(pool, logits, h, m->w.W_U, NULL, n, c->d_model, (int)V);
+    if (c->final_softcap > 0.0f)
+        for (int64_t i = 0; i < n * V; i++) logits[i] = c->final_softcap * tanhf(logits[i] / c->final_softcap);
+}
+
+typedef struct { const float *logits; int64_t V; const int64_t *target; double *prob; } TargetLoop;
+
+/* Per row: softmax probability of the target token, p = exp(x_t - max - log(sum_j exp(x_j - max))), the
+ * exps in float32 (fast_expf) summed in blocks of 8 float lanes x 32 terms, the blocks in float64. */
+VECTOR_CLONES static void target_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+    TargetLoop *a = ctx;
+    int64_t V = a->V, V8 = V / 8 * 8;
+    for (int64_t i = lo; i < hi; i++) {
+        const float *x = a->logits + i * a->V;
+        float m8[8];
+        for (int k = 0; k < 8; k++) m8[k] = -INFINITY;
+        for (int64_t j = 0; j < V8; j += 8)
+            for (int k = 0; k < 8; k++) m8[k] = x[j + k] > m8[k] ? x[j + k] : m8[k];
+        float mx = -INFINITY;
+        for (int k = 0; k < 8; k++) mx = m8[k] > mx ? m8[k] : mx;
+        for (int64_t j = V8; j < V; j++) mx = x[j] > mx ? x[j] : mx;
+        double sum = 0.0;
+        int64_t j = 0;
+        for (; j + 256 <= V; j += 256) {
+            float acc[8] = {0};
+            for (int64_t u = j; u < j + 256; u += 8)
+                for (int k = 0; k < 8; k++) acc[k] += fast_expf(x[u + k] - mx);
+            for (int k = 0; k < 8; k++) sum += acc[k];
         }
-#pragma omp for schedule(dynamic, 4)
-        for (int i = 0; i < b->n_seq; i++) {
-            if (!ok) continue;
-            int n = b->len[i], st = b->start[i], P = st + n;
-            int64_t r0 = row0[i];
-            if (want) { /* skip sequences with no wanted row */
-                int any = 0;
-                for (int t = 0; t < n && !any; t++) any = want[r0 + t];
-                if (!any) continue;
-            }
-            if (st > 0) {
-                memcpy(kall, b->pk[i] + l * b->pstride, sizeof(float) * st * kvd);
-                memcpy(vall, b->pv[i] + l * b->pstride, sizeof(float) * st * kvd);
-            }
-            memcpy(kall + (int64_t)st * kvd, k + r0 * kvd, sizeof(float) * n * kvd);
-            memcpy(vall + (int64_t)st * kvd, v + r0 * kvd, sizeof(float) * n * kvd);
-            unsigned char *blk = NULL;
-            for (int64_t e = 0; e < n_blocks; e++) {
-                const EdgeBlock *eb = &blocks[e];
-                if (eb->layer != l || eb->row < r0 || eb->row >= r0 + n || eb->key < 0 || eb->key >= P) continue;
-                if (!blk) memset(blocked, 0, (size_t)n * P);
-                blk = blocked;
-                blocked[(eb->row - r0) * P + eb->key] = 1;
-            }
-            attend_sequence(z + r0 * qd, tmp, q + r0 * qd, kall, vall, n, st, c, window, blk, want ? want + r0 : NULL,
-                            scores);
-            if (tmp) /* layout (H, attn_total): per head, this sequence's (n, P) block */
-                for (int h = 0; h < H; h++)
-                    memcpy(probs + (int64_t)h * attn_total + attn_off[i], tmp + (int64_t)h * n * P,
-                           sizeof(float) * n * P);
-        }
-        free(kall); free(vall); free(scores); free(blocked); free(tmp);
+        for (; j < V; j++) sum += fast_expf(x[j] - mx);
+        a->prob[i] = exp((double)x[a->target[i]] - (double)mx - log(sum));
     }
-    return failed ? -1 : 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* the forward pass                                                                             */
 
 typedef struct {
+    Pool *pool;               /* threads for the loops between matrix products, or NULL */
     float *x, *h, *q, *k, *v, *z, *a, *up, *gate, *tmp, *rs;
     int64_t *row0, *attn_off; /* (S,) first row and attention-probability offset of each sequence */
     int *pos;                 /* (N,) absolute position of each row */
@@ -331,6 +487,7 @@ static void scratch_free(Scratch *s) {
     free(s->x); free(s->h); free(s->q); free(s->k); free(s->v); free(s->z); free(s->a);
     free(s->up); free(s->gate); free(s->tmp); free(s->rs); free(s->row0); free(s->attn_off); free(s->pos);
     free(s->want); free(s->wrow); free(s->wpos); free(s->set); free(s->krow);
+    pool_free(s->pool);
 }
 
 /* The MLP of block l for every row of s->x into s->a, except rows whose output a SET patch of
@@ -346,7 +503,7 @@ static void mlp_block(Scratch *s, const LayerWeights *lw, const Config *c, int l
             s->set[p[i].row] = 1;
         }
     if (!nset) {
-        mlp_rows(s->a, s->h, s->up, s->gate, s->x, N, lw, c);
+        mlp_rows(s->pool, s->a, s->h, s->up, s->gate, s->x, N, lw, c);
         return;
     }
     int64_t nk = 0; /* gather the computed rows into tmp (nk, d); MLP into h (a as scratch); scatter */
@@ -355,7 +512,7 @@ static void mlp_block(Scratch *s, const LayerWeights *lw, const Config *c, int l
             memcpy(s->tmp + nk * d, s->x + r * d, sizeof(float) * d);
             s->krow[nk++] = r;
         }
-    mlp_rows(s->h, s->a, s->up, s->gate, s->tmp, nk, lw, c);
+    mlp_rows(s->pool, s->h, s->a, s->up, s->gate, s->tmp, nk, lw, c);
     for (int64_t r = 0; r < N; r++)
         if (s->set[r]) memset(s->a + r * d, 0, sizeof(float) * d);
     for (int64_t i = 0; i < nk; i++) memcpy(s->a + s->krow[i] * d, s->h + i * d, sizeof(float) * d);
@@ -374,29 +531,29 @@ static int last_block_rows(Scratch *s, const Model *m, const Batch *b, int64_t n
     const int64_t *wrow = s->wrow;
 
     /* h = norm(x) (N, d); keys and values (N, KV*dh) of every row */
-    norm_rows(s->h, NULL, s->x, N, d, lw->ln1_w, lw->ln1_b, c->norm_eps, c->norm);
-    matmul(s->k, s->h, lw->W_K, lw->b_K, N, d, kvd);
-    matmul(s->v, s->h, lw->W_V, lw->b_V, N, d, kvd);
-    if (c->qk_norm) head_norm_rows(s->k, N * KV, dh, lw->k_norm_w, c->norm_eps);
-    if (c->rope) rope_rows(s->k, N, KV, s->pos, c, l);
+    norm_rows(s->pool, s->h, NULL, s->x, N, d, lw->ln1_w, lw->ln1_b, c->norm_eps, c->norm);
+    matmul(s->pool, s->k, s->h, lw->W_K, lw->b_K, N, d, kvd);
+    matmul(s->pool, s->v, s->h, lw->W_V, lw->b_V, N, d, kvd);
+    if (c->qk_norm) head_norm_rows(s->pool, s->k, N * KV, dh, lw->k_norm_w, c->norm_eps);
+    if (c->rope) rope_rows(s->pool, s->k, N, KV, s->pos, c, l);
 
     /* queries of the wanted rows: h rows gathered into tmp (nw, d), q into z (nw, H*dh), then scattered */
     for (int64_t i = 0; i < nw; i++) {
         memcpy(s->tmp + i * d, s->h + wrow[i] * d, sizeof(float) * d);
         s->wpos[i] = s->pos[wrow[i]];
     }
-    matmul(s->z, s->tmp, lw->W_Q, lw->b_Q, nw, d, qd);
-    if (c->qk_norm) head_norm_rows(s->z, nw * H, dh, lw->q_norm_w, c->norm_eps);
-    if (c->rope) rope_rows(s->z, nw, H, s->wpos, c, l);
+    matmul(s->pool, s->z, s->tmp, lw->W_Q, lw->b_Q, nw, d, qd);
+    if (c->qk_norm) head_norm_rows(s->pool, s->z, nw * H, dh, lw->q_norm_w, c->norm_eps);
+    if (c->rope) rope_rows(s->pool, s->z, nw, H, s->wpos, c, l);
     for (int64_t i = 0; i < nw; i++) memcpy(s->q + wrow[i] * qd, s->z + i * qd, sizeof(float) * qd);
-    if (attention_layer(s->z, NULL, 0, s->q, s->k, s->v, b, l, c, blocks, n_blocks, s->row0, s->attn_off, maxn,
+    if (attention_layer(s->pool, s->z, NULL, 0, s->q, s->k, s->v, b, l, c, blocks, n_blocks, s->row0, s->attn_off, maxn,
                         maxP, s->want))
         return -1;
 
     /* attn_out of the wanted rows: z gathered into q (nw, H*dh), projected into h (nw, d), scattered into a */
     for (int64_t i = 0; i < nw; i++) memcpy(s->q + i * qd, s->z + wrow[i] * qd, sizeof(float) * qd);
-    matmul(s->h, s->q, lw->W_O, lw->b_O, nw, qd, d);
-    if (c->post_norms) norm_rows(s->h, NULL, s->h, nw, d, lw->post_attn_norm_w, NULL, c->norm_eps, NORM_RMS);
+    matmul(s->pool, s->h, s->q, lw->W_O, lw->b_O, nw, qd, d);
+    if (c->post_norms) norm_rows(s->pool, s->h, NULL, s->h, nw, d, lw->post_attn_norm_w, NULL, c->norm_eps, NORM_RMS);
     for (int64_t i = 0; i < nw; i++) memcpy(s->a + wrow[i] * d, s->h + i * d, sizeof(float) * d);
     apply_patches(s->a, d, SITE_ATTN_OUT, l, patches, n_patches, s->want);
 
@@ -408,7 +565,7 @@ static int last_block_rows(Scratch *s, const Model *m, const Batch *b, int64_t n
         for (int j = 0; j < d; j++) xr[j] += ar[j];
         memcpy(s->tmp + i * d, xr, sizeof(float) * d);
     }
-    mlp_rows(s->h, s->a, s->up, s->gate, s->tmp, nw, lw, c); /* a's rows are free once added to x */
+    mlp_rows(s->pool, s->h, s->a, s->up, s->gate, s->tmp, nw, lw, c); /* a's rows are free once added to x */
     for (int64_t i = 0; i < nw; i++) memcpy(s->a + wrow[i] * d, s->h + i * d, sizeof(float) * d);
     apply_patches(s->a, d, SITE_MLP_OUT, l, patches, n_patches, s->want);
     for (int64_t i = 0; i < nw; i++) {
@@ -460,6 +617,7 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
         !s.attn_off || !s.pos || !s.set || !s.krow)
         FAIL("out of memory for a batch of %lld rows", (long long)N);
     int64_t *row0 = s.row0, *attn_off = s.attn_off;
+    if (N * d >= 4 * PAR_MIN) s.pool = pool_new(openblas_get_num_threads()); /* NULL: loops run serially */
 
     /* Last-block pruning: when only some rows' logits are wanted and no per-layer state or resid_final is
      * captured, the last block computes the wanted rows only (plus every row's keys and values). */
@@ -520,31 +678,31 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
         if (cap->resid_pre) memcpy(cap->resid_pre + LN * d, s.x, sizeof(float) * N * d);
 
         /* attention: h = norm(x); q, k, v = h W^T + b */
-        norm_rows(s.h, NULL, s.x, N, d, lw->ln1_w, lw->ln1_b, c->norm_eps, c->norm);
-        matmul(s.q, s.h, lw->W_Q, lw->b_Q, N, d, qd);
-        matmul(s.k, s.h, lw->W_K, lw->b_K, N, d, kvd);
-        matmul(s.v, s.h, lw->W_V, lw->b_V, N, d, kvd);
+        norm_rows(s.pool, s.h, NULL, s.x, N, d, lw->ln1_w, lw->ln1_b, c->norm_eps, c->norm);
+        matmul(s.pool, s.q, s.h, lw->W_Q, lw->b_Q, N, d, qd);
+        matmul(s.pool, s.k, s.h, lw->W_K, lw->b_K, N, d, kvd);
+        matmul(s.pool, s.v, s.h, lw->W_V, lw->b_V, N, d, kvd);
         if (c->qk_norm) {
-            head_norm_rows(s.q, N * H, dh, lw->q_norm_w, c->norm_eps);
-            head_norm_rows(s.k, N * KV, dh, lw->k_norm_w, c->norm_eps);
+            head_norm_rows(s.pool, s.q, N * H, dh, lw->q_norm_w, c->norm_eps);
+            head_norm_rows(s.pool, s.k, N * KV, dh, lw->k_norm_w, c->norm_eps);
         }
         if (c->rope) {
-            rope_rows(s.q, N, H, s.pos, c, l);
-            rope_rows(s.k, N, KV, s.pos, c, l);
+            rope_rows(s.pool, s.q, N, H, s.pos, c, l);
+            rope_rows(s.pool, s.k, N, KV, s.pos, c, l);
         }
         if (cap->k_cache) memcpy(cap->k_cache + LN * kvd, s.k, sizeof(float) * N * kvd);
         if (cap->v_cache) memcpy(cap->v_cache + LN * kvd, s.v, sizeof(float) * N * kvd);
 
         /* per sequence: gather prefix + new keys/values, attend */
-        if (attention_layer(s.z, cap->attn ? cap->attn + (int64_t)l * H * attn_total : NULL, attn_total, s.q, s.k,
+        if (attention_layer(s.pool, s.z, cap->attn ? cap->attn + (int64_t)l * H * attn_total : NULL, attn_total, s.q, s.k,
                             s.v, b, l, c, blocks, n_blocks, row0, attn_off, maxn, maxP, NULL))
             FAIL("out of memory in attention");
         if (cap->z) memcpy(cap->z + LN * qd, s.z, sizeof(float) * N * qd);
 
         /* attn_out = z W_O^T + b_O (Gemma: then the post-attention norm) */
-        matmul(s.a, s.z, lw->W_O, lw->b_O, N, qd, d);
+        matmul(s.pool, s.a, s.z, lw->W_O, lw->b_O, N, qd, d);
         if (c->post_norms) {
-            norm_rows(s.a, s.rs, s.a, N, d, lw->post_attn_norm_w, NULL, c->norm_eps, NORM_RMS);
+            norm_rows(s.pool, s.a, s.rs, s.a, N, d, lw->post_attn_norm_w, NULL, c->norm_eps, NORM_RMS);
             if (cap->norm_scale_attn) memcpy(cap->norm_scale_attn + LN, s.rs, sizeof(float) * N);
         }
         if (cap->head_out) {
@@ -560,33 +718,41 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
         }
         apply_patches(s.a, d, SITE_ATTN_OUT, l, patches, n_patches, NULL);
         if (cap->attn_out) memcpy(cap->attn_out + LN * d, s.a, sizeof(float) * N * d);
-#pragma omp parallel for schedule(static) if (N * d > PAR_MIN)
-        for (int64_t i = 0; i < N * d; i++) s.x[i] += s.a[i];
+        add_into(s.pool, s.x, s.a, N * d);
         if (cap->resid_mid) memcpy(cap->resid_mid + LN * d, s.x, sizeof(float) * N * d);
 
         /* MLP (of the rows whose output no patch sets) */
         mlp_block(&s, lw, c, l, patches, n_patches, N);
         apply_patches(s.a, d, SITE_MLP_OUT, l, patches, n_patches, NULL);
         if (cap->mlp_out) memcpy(cap->mlp_out + LN * d, s.a, sizeof(float) * N * d);
-#pragma omp parallel for schedule(static) if (N * d > PAR_MIN)
-        for (int64_t i = 0; i < N * d; i++) s.x[i] += s.a[i];
+        add_into(s.pool, s.x, s.a, N * d);
         apply_patches(s.x, d, SITE_RESID_POST, l, patches, n_patches, NULL);
     }
     if (cap->resid_final) memcpy(cap->resid_final, s.x, sizeof(float) * N * d);
 
-    /* --- final norm and unembedding of the wanted rows ---------------------------------------- */
-    if ((cap->logits || cap->final_scale) && end_layer == L) {
-        int64_t nr = cap->logit_rows ? cap->n_logit_rows : N;
+    /* --- final norm, unembedding and target probabilities of the wanted rows ------------------ */
+    if ((cap->logits || cap->final_scale || cap->target_prob) && end_layer == L) {
+        int64_t nr = cap->logit_rows ? cap->n_logit_rows : N, V = c->vocab_size;
         for (int64_t i = 0; i < nr; i++) {
             int64_t r = cap->logit_rows ? cap->logit_rows[i] : i;
             float rs = norm_row(s.tmp + i * d, s.x + r * d, d, w->ln_f_w, w->ln_f_b, c->norm_eps, c->norm);
             if (cap->final_scale) cap->final_scale[i] = rs;
         }
-        if (cap->logits) {
-            matmul(cap->logits, s.tmp, w->W_U, NULL, nr, d, c->vocab_size);
-            if (c->final_softcap > 0.0f)
-                for (int64_t i = 0; i < nr * c->vocab_size; i++)
-                    cap->logits[i] = c->final_softcap * tanhf(cap->logits[i] / c->final_softcap);
+        if (cap->logits) unembed(s.pool, cap->logits, s.tmp, nr, m);
+        if (cap->target_prob) {
+            /* from the captured logits, or from chunks of rows unembedded into a scratch buffer */
+            int64_t chunk = cap->logits ? nr : ((1 << 22) / V > 0 ? (1 << 22) / V : 1);
+            if (chunk > nr) chunk = nr;
+            float *buf = cap->logits ? NULL : malloc(sizeof(float) * chunk * V);
+            if (!cap->logits && !buf) FAIL("out of memory for %lld rows of logits", (long long)chunk);
+            for (int64_t r0 = 0; r0 < nr; r0 += chunk) {
+                int64_t n = nr - r0 < chunk ? nr - r0 : chunk;
+                float *lg = cap->logits ? cap->logits + r0 * V : buf;
+                if (!cap->logits) unembed(s.pool, lg, s.tmp + r0 * d, n, m);
+                TargetLoop a = {lg, V, cap->targets + r0, cap->target_prob + r0};
+                pool_for(s.pool, n, grain_of(s.pool, n, V * 4), target_range, &a);
+            }
+            free(buf);
         }
     }
     rc = 0;

@@ -11,9 +11,6 @@
 
 #include "blas.h"
 #include "factrace.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #ifndef FACTRACE_BLAS_NAME
 #define FACTRACE_BLAS_NAME "unknown"
@@ -230,31 +227,35 @@ static PyArrayObject *in_array(PyObject *obj, int type, int ndim, const char *wh
     return a;
 }
 
-/* A capture output: float32, C-contiguous, writeable, exactly n elements. */
-static float *out_array(PyObject *capd, const char *key, int64_t n) {
+/* A capture output of numpy type `type`, C-contiguous, writeable, exactly n elements. */
+static void *out_array_of(PyObject *capd, const char *key, int64_t n, int type, const char *tname) {
     PyObject *a = PyDict_GetItemString(capd, key);
     if (!a || a == Py_None) return NULL;
     PyArrayObject *arr = (PyArrayObject *)a;
-    if (!PyArray_Check(a) || PyArray_TYPE(arr) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(arr) ||
+    if (!PyArray_Check(a) || PyArray_TYPE(arr) != type || !PyArray_IS_C_CONTIGUOUS(arr) ||
         !PyArray_ISWRITEABLE(arr) || !PyArray_ISALIGNED(arr) || PyArray_SIZE(arr) != n) {
-        PyErr_Format(PyExc_ValueError, "capture '%s' must be a writeable C-contiguous float32 array of %lld elements",
-                     key, (long long)n);
+        PyErr_Format(PyExc_ValueError, "capture '%s' must be a writeable C-contiguous %s array of %lld elements",
+                     key, tname, (long long)n);
         return NULL;
     }
-    return (float *)PyArray_DATA(arr);
+    return PyArray_DATA(arr);
+}
+
+static float *out_array(PyObject *capd, const char *key, int64_t n) {
+    return out_array_of(capd, key, n, NPY_FLOAT32, "float32");
 }
 
 static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"seq_lens", "ids", "resid_in", "seq_starts", "start_layer", "prefix_k", "prefix_v",
                              "prefix_rows", "patch_site", "patch_layer", "patch_row", "patch_op", "patch_value",
-                             "blocks", "capture", "logit_rows", "end_layer", NULL};
+                             "blocks", "capture", "logit_rows", "end_layer", "logit_targets", NULL};
     PyObject *o_lens, *o_ids = NULL, *o_resid = NULL, *o_starts = NULL, *o_pk = NULL, *o_pv = NULL, *o_prow = NULL;
     PyObject *o_ps = NULL, *o_pl = NULL, *o_pr = NULL, *o_po = NULL, *o_pval = NULL, *o_blocks = NULL, *capd = NULL;
-    PyObject *o_lrows = NULL;
+    PyObject *o_lrows = NULL, *o_targets = NULL;
     int start_layer = 0, end_layer = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OOOiOOOOOOOOOO!Oi", kwlist, &o_lens, &o_ids, &o_resid, &o_starts,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OOOiOOOOOOOOOO!OiO", kwlist, &o_lens, &o_ids, &o_resid, &o_starts,
                                      &start_layer, &o_pk, &o_pv, &o_prow, &o_ps, &o_pl, &o_pr, &o_po, &o_pval,
-                                     &o_blocks, &PyDict_Type, &capd, &o_lrows, &end_layer))
+                                     &o_blocks, &PyDict_Type, &capd, &o_lrows, &end_layer, &o_targets))
         return NULL;
     if (!self->refs) { PyErr_SetString(PyExc_RuntimeError, "Model not initialised"); return NULL; }
     const Config *c = &self->m.cfg;
@@ -262,6 +263,7 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
     PyObject *result = NULL;
     PyArrayObject *lens = NULL, *starts = NULL, *ids = NULL, *resid = NULL, *pk = NULL, *pv = NULL, *prow = NULL;
     PyArrayObject *ps = NULL, *pl = NULL, *pr = NULL, *po = NULL, *pval = NULL, *blk = NULL, *lrows = NULL;
+    PyArrayObject *targets = NULL;
     int *zero_starts = NULL;
     const float **pkp = NULL, **pvp = NULL;
     Patch *patches = NULL;
@@ -415,6 +417,20 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
         }
         if (!(cap.logits = out_array(capd, "logits", R * V)) && PyErr_Occurred()) goto done;
         if (!(cap.final_scale = out_array(capd, "final_scale", R)) && PyErr_Occurred()) goto done;
+        if (!(cap.target_prob = out_array_of(capd, "target_prob", R, NPY_FLOAT64, "float64")) && PyErr_Occurred())
+            goto done;
+        if (cap.target_prob) { /* softmax probability of logit_targets[i] in logit row i */
+            targets = in_array(o_targets, NPY_INT64, 1, "logit_targets");
+            if (PyErr_Occurred()) goto done;
+            if (!targets || PyArray_DIM(targets, 0) != R) {
+                PyErr_Format(PyExc_ValueError, "capture 'target_prob' needs logit_targets: %lld token ids", (long long)R);
+                goto done;
+            }
+            const int64_t *tg = PyArray_DATA(targets);
+            for (int64_t i = 0; i < R; i++)
+                if (tg[i] < 0 || tg[i] >= V) { PyErr_Format(PyExc_ValueError, "logit target %lld out of range", (long long)tg[i]); goto done; }
+            cap.targets = tg;
+        }
     }
     char err[256] = "";
     int rc;
@@ -431,7 +447,7 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
 done:
     Py_XDECREF(lens); Py_XDECREF(starts); Py_XDECREF(ids); Py_XDECREF(resid); Py_XDECREF(pk); Py_XDECREF(pv);
     Py_XDECREF(prow); Py_XDECREF(ps); Py_XDECREF(pl); Py_XDECREF(pr); Py_XDECREF(po); Py_XDECREF(pval);
-    Py_XDECREF(blk); Py_XDECREF(lrows);
+    Py_XDECREF(blk); Py_XDECREF(lrows); Py_XDECREF(targets);
     free(zero_starts); free(pkp); free(pvp); free(patches); free(blocks);
     return result;
 }
@@ -440,7 +456,7 @@ static PyMethodDef Model_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))Model_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(seq_lens, ids=None, resid_in=None, seq_starts=None, start_layer=0, prefix_k=None, prefix_v=None,\n"
      "        prefix_rows=None, patch_site=None, patch_layer=None, patch_row=None, patch_op=None, patch_value=None,\n"
-     "        blocks=None, capture=None, logit_rows=None, end_layer=n_layers)\n"
+     "        blocks=None, capture=None, logit_rows=None, end_layer=n_layers, logit_targets=None)\n"
      "Low-level batched forward pass writing into the preallocated float32 arrays of `capture`. Use factrace.Model.run."},
     {NULL, NULL, 0, NULL}};
 
@@ -511,9 +527,6 @@ static PyObject *py_set_num_threads(PyObject *mod, PyObject *args) {
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
     if (n < 1) { PyErr_SetString(PyExc_ValueError, "threads must be >= 1"); return NULL; }
     openblas_set_num_threads(n);
-#ifdef _OPENMP
-    omp_set_num_threads(n);
-#endif
     Py_RETURN_NONE;
 }
 
@@ -522,7 +535,7 @@ static PyObject *py_get_num_threads(PyObject *mod, PyObject *args) { return PyLo
 static PyMethodDef module_methods[] = {
     {"convert", py_convert, METH_VARARGS, "convert(raw_uint16, 'f16'|'bf16') -> float32 array (exact)"},
     {"sgemm", py_sgemm, METH_VARARGS, "sgemm(a (M,K), b (N,K)) -> a @ b.T computed by the linked OpenBLAS"},
-    {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n): OpenBLAS and OpenMP threads"},
+    {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n): threads of OpenBLAS and of the C core's loops"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> OpenBLAS threads"},
     {NULL, NULL, 0, NULL}};
 

@@ -8,10 +8,6 @@ import os
 
 
 def preload() -> None:
-    # OpenMP threads that spin after a parallel region steal the cores OpenBLAS's threads need for the
-    # next matrix product (measured: 7x slower small batches on 2 cores); sleep instead, unless the
-    # user chose otherwise. Must be set before libgomp is loaded with the C core.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # OpenBLAS's idle threads spin for 2^28 cycles by default, taking the second core from the loops
     # between matrix products; 2^10 measured 15-25% faster forward passes on 2 cores.
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")

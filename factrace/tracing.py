@@ -251,13 +251,14 @@ class _Tracer:
         cap["resid_final"] = np.empty((N, d), np.float32)
         cap["k_cache"] = np.empty((L, N, self.kvd), np.float32)
         cap["v_cache"] = np.empty((L, N, self.kvd), np.float32)
-        cap["logits"] = np.empty((S, self.m.config.vocab_size), np.float32)
+        cap["target_prob"] = np.empty(S, np.float64)
         last = (np.arange(S) * T + T - 1).astype(np.int64)
         self.m._core.forward(np.full(S, T, np.int32), ids=np.tile(self.ids, S), capture=cap, logit_rows=last,
+                             logit_targets=np.full(S, self.answer, np.int64),
                              patch_site=np.zeros(n, np.int32), patch_layer=np.full(n, -1, np.int32),
                              patch_row=rows, patch_op=np.zeros(n, np.int32), patch_value=vals)
         post = np.concatenate([cap["resid_pre"][1:], cap["resid_final"][None]], 0)
-        return dict(cap, post=post, probs=_softmax_prob(cap["logits"], self.answer), noised=vals)
+        return dict(cap, post=post, probs=cap["target_prob"], noised=vals)
 
     # -- fast restoration of many cells in one C call --------------------------------------------
     def _restore(self, start_layer, positions, first_rows_value=None, base=0, patches=None, end_layer=None,
@@ -308,14 +309,15 @@ class _Tracer:
             if capture_mid:
                 cap["resid_mid"] = np.empty((L, row, self.d), np.float32)
         else:
-            out = np.empty((len(last), self.m.config.vocab_size), np.float32)
-            cap, lrows = {"logits": out}, np.array(last, np.int64)
+            out = np.empty(len(last), np.float64)
+            cap, lrows = {"target_prob": out}, np.array(last, np.int64)
+            kw["logit_targets"] = np.full(len(last), self.answer, np.int64)
         self.m._core.forward(np.array(lens, np.int32), resid_in=x_in, start_layer=start_layer, end_layer=end_layer,
                              seq_starts=np.array(starts, np.int32), prefix_k=cor["k_cache"], prefix_v=cor["v_cache"],
                              prefix_rows=np.array(prows, np.int64), capture=cap, logit_rows=lrows, **kw)
         if end_layer < L:
             return (out, cap["resid_mid"][start_layer]) if capture_mid else out
-        return _softmax_prob(out, self.answer).reshape(len(positions), S).mean(1)
+        return out.reshape(len(positions), S).mean(1)
 
     def hidden_scores(self) -> np.ndarray:
         T, L = self.T, self.L

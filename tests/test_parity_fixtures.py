@@ -53,7 +53,7 @@ def test_batch_equals_single_runs(name):
         r1 = m.run(s, capture=["attn_out", "attn", "head_out"])
         np.testing.assert_allclose(rb.logits, r1.logits, atol=5e-5, rtol=1e-5)
         np.testing.assert_allclose(rb.attn_out, r1.attn_out, atol=5e-5, rtol=1e-5)
-        np.testing.assert_allclose(rb.attn, r1.attn, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(rb.attn, r1.attn, atol=5e-6, rtol=0)  # GEMMs of other sizes round differently
         np.testing.assert_allclose(rb.head_out, r1.head_out, atol=5e-5, rtol=1e-5)
     last = m.run(seqs, logits="last")
     for s, rl, rb in zip(seqs, last, batch):

@@ -1,7 +1,10 @@
-"""Last-block pruning in the C forward pass: when only some rows' logits are wanted (and no per-layer
-state is captured) the last block computes only those rows, plus every row's keys and values. The
-logits must equal those of the full block (which runs whenever resid_final is captured too), with
-interventions and edge blocks at the last layer, prefix caches, long sequences and odd logit_rows."""
+"""The C core's shortcuts, each against the plain computation:
+* last-block pruning: when only some rows' logits are wanted (and no per-layer state is captured) the
+  last block computes only those rows, plus every row's keys and values; the logits must equal those of
+  the full block (which runs whenever resid_final is captured too), with interventions and edge blocks
+  at the last layer, prefix caches, long sequences and odd logit_rows;
+* rows whose MLP output a 'set' replaces are not computed;
+* target probabilities (capture 'target_prob') computed in C from the logits, against numpy."""
 import numpy as np
 import pytest
 
@@ -130,3 +133,39 @@ def test_set_mlp_rows_are_not_computed_but_equal(name):
     both = m.run(ids, interventions=set_at([0, L - 1], value), capture=cap)
     same(both, m.run(ids, interventions=add_at([0], value[:1], base) + add_at([L - 1], value[1:], first), capture=cap))
     assert not np.allclose(both[0].logits, base[0].logits)
+
+
+@pytest.mark.parametrize("name", MODEL_FIXTURES)
+def test_target_prob_equals_numpy_softmax(name):
+    from factrace.tracing import _softmax_prob
+
+    m = fixture_model(name)
+    c = m.config
+    rs = np.random.RandomState(3)
+    lens = [6, 3, 9]
+    ids = rs.randint(0, c.vocab_size, sum(lens)).astype(np.int32)
+    rows = np.array([5, 0, 8, 17, 17], np.int64)
+    targets = rs.randint(0, c.vocab_size, len(rows)).astype(np.int64)
+    targets[-1] = 0
+    logits = _forward(m, lens, ids, rows, True)
+    want = np.array([_softmax_prob(logits[i:i + 1], int(t))[0] for i, t in enumerate(targets)])
+    for extra in ({}, {"logits": np.empty((len(rows), c.vocab_size), np.float32)}):  # own buffer / captured
+        cap = {"target_prob": np.empty(len(rows), np.float64), **extra}
+        m._core.forward(np.array(lens, np.int32), ids=ids, capture=cap, logit_rows=rows, logit_targets=targets)
+        np.testing.assert_allclose(cap["target_prob"], want, rtol=1e-5, atol=1e-9)
+        assert np.all((cap["target_prob"] > 0) & (cap["target_prob"] <= 1))
+
+
+def test_target_prob_argument_checks():
+    m = fixture_model("gpt2")
+    cap = {"target_prob": np.empty(2, np.float64)}
+    args = (np.array([3], np.int32),)
+    kw = dict(ids=np.array([1, 2, 3], np.int32), logit_rows=np.array([1, 2], np.int64))
+    with pytest.raises(ValueError, match="logit_targets"):
+        m._core.forward(*args, capture=cap, **kw)
+    with pytest.raises(ValueError, match="logit_targets"):
+        m._core.forward(*args, capture=cap, logit_targets=np.array([1], np.int64), **kw)
+    with pytest.raises(ValueError, match="out of range"):
+        m._core.forward(*args, capture=cap, logit_targets=np.array([1, m.config.vocab_size], np.int64), **kw)
+    with pytest.raises(ValueError, match="float64"):
+        m._core.forward(*args, capture={"target_prob": np.empty(2, np.float32)}, logit_targets=np.array([1, 2]), **kw)
