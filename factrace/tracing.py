@@ -519,7 +519,17 @@ def _result(m, tr: "_Tracer", kind, window, engine, text) -> TraceResult:
 def trace_all(m: Model, prompt, subject, kinds=KINDS, window: int = 10, samples: int = 10, noise="s3", seed: int = 1,
               target=None, engine: str = "fast", add_special_tokens: bool = True, noise_subjects=None) -> dict:
     """Every kind of :func:`trace` for one fact, sharing the clean and corrupted runs.
-    Returns {kind: TraceResult}. Arguments as :func:`trace`."""
+
+    Arguments and defaults as :func:`trace` (``kinds`` a subset of ("hidden", "mlp", "attn")). Returns
+    {kind: TraceResult}, each with ``scores`` (T, L), and the same numbers as separate :func:`trace`
+    calls with the same seed. This is the fast way to get the three ROME heatmaps of a fact.
+
+    Example:
+        >>> res = factrace.trace_all(m, "The Eiffel Tower is located in the city of",
+        ...                          "The Eiffel Tower")                      # doctest: +SKIP
+        >>> res["mlp"].scores.shape, res["attn"].window                       # doctest: +SKIP
+        ((10, 30), 10)
+    """
     ids, offs, text = _ids_and_offsets(m, prompt, add_special_tokens)
     span = _span(ids, offs, text, subject)
     level = _noise_value(m, noise, noise_subjects)
