@@ -35,24 +35,22 @@ static int64_t grain_of(const Pool *pool, int64_t n, int64_t per_item) {
 
 typedef struct { float *out; const float *bias; int n_out; } BiasLoop;
 
-static void bias_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+static void bias_fill_range(void *ctx, int64_t lo, int64_t hi, int tid) {
     BiasLoop *a = ctx;
-    for (int64_t i = lo; i < hi; i++) {
-        float *o = a->out + i * a->n_out;
-        for (int j = 0; j < a->n_out; j++) o[j] += a->bias[j];
-    }
+    for (int64_t i = lo; i < hi; i++) memcpy(a->out + i * a->n_out, a->bias, sizeof(float) * a->n_out);
 }
 
-/* out (N, n_out) = x (N, n_in) @ W^T (W: (n_out, n_in)) + bias (n_out,) */
+/* out (N, n_out) = x (N, n_in) @ W^T (W: (n_out, n_in)) + bias (n_out,). With a bias, out starts as the
+ * bias rows and the product is accumulated into it (beta = 1), as torch's addmm does for nn.Linear. */
 static void matmul(Pool *pool, float *out, const float *x, const float *W, const float *bias, int64_t N, int n_in,
                    int n_out) {
     if (N <= 0) return;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, n_out, n_in, 1.0f, x, n_in, W, n_in, 0.0f,
-                out, n_out);
     if (bias) {
         BiasLoop a = {out, bias, n_out};
-        pool_for(pool, N, grain_of(pool, N, n_out), bias_range, &a);
+        pool_for(pool, N, grain_of(pool, N, n_out), bias_fill_range, &a);
     }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, n_out, n_in, 1.0f, x, n_in, W, n_in,
+                bias ? 1.0f : 0.0f, out, n_out);
 }
 
 typedef struct { float *x; const float *y; } AddLoop;
