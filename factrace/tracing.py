@@ -621,9 +621,13 @@ def sever(m: Model, prompt, subject, frozen: str = "mlp", samples: int = 10, noi
                 hid = iv.SITES["resid_post"]
                 eff[l] = tr._restore(0, [e1], base=base, patches=lambda ti, s: [
                     (site, j, fro[j, s * T + e1]) for j in range(L)] + [(hid, l, tr.clean_post[l, e1])])[0] - tr.low
-            else:  # frozen values equal the run's own up to layer l: start after it
-                eff[l] = tr._restore(l + 1, [e1], first_rows_value=first, base=base, patches=lambda ti, s: [
-                    (site, j, fro[j, s * T + e1]) for j in range(l + 1, L)])[0] - tr.low
+            else:  # frozen values equal the run's own up to layer l: start after it; the severed and
+                # the unsevered run in one call (position e-1 twice, the frozen values on the first)
+                both = tr._restore(l + 1, [e1, e1], first_rows_value=np.concatenate([first, first]), base=base,
+                                   patches=lambda ti, s: [(site, j, fro[j, s * T + e1]) for j in range(l + 1, L)]
+                                   if ti == 0 else [])
+                eff[l], unsev[l] = both[0] - tr.low, both[1] - tr.low
+                continue
             if l < L - 1:
                 unsev[l] = tr._restore(l + 1, [e1], first_rows_value=first, base=base)[0] - tr.low
     return SeverResult(effect=eff, unsevered=unsev, low_score=tr.low, high_score=tr.high, frozen=frozen,
