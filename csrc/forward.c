@@ -488,6 +488,22 @@ static void scratch_free(Scratch *s) {
     pool_free(s->pool);
 }
 
+/* dst (n, w) = rows idx[0..n) of src (., w) */
+static void gather_rows(float *dst, const float *src, const int64_t *idx, int64_t n, int w) {
+    for (int64_t i = 0; i < n; i++) memcpy(dst + i * w, src + idx[i] * w, sizeof(float) * w);
+}
+
+/* rows idx[0..n) of dst (., w) = src (n, w) */
+static void scatter_rows(float *dst, const float *src, const int64_t *idx, int64_t n, int w) {
+    for (int64_t i = 0; i < n; i++) memcpy(dst + idx[i] * w, src + i * w, sizeof(float) * w);
+}
+
+/* rows idx[0..n) of x (., d) += the same rows of a */
+static void add_rows_at(float *x, const float *a, const int64_t *idx, int64_t n, int d) {
+    for (int64_t i = 0; i < n; i++)
+        for (int j = 0; j < d; j++) x[idx[i] * d + j] += a[idx[i] * d + j];
+}
+
 /* The MLP of block l for every row of s->x into s->a, except rows whose output a SET patch of
  * (SITE_MLP_OUT, l) replaces: those are not computed (zeros until the patch sets them). */
 static void mlp_block(Scratch *s, const LayerWeights *lw, const Config *c, int l, const Patch *p, int64_t np,
@@ -506,14 +522,12 @@ static void mlp_block(Scratch *s, const LayerWeights *lw, const Config *c, int l
     }
     int64_t nk = 0; /* gather the computed rows into tmp (nk, d); MLP into h (a as scratch); scatter */
     for (int64_t r = 0; r < N; r++)
-        if (!s->set[r]) {
-            memcpy(s->tmp + nk * d, s->x + r * d, sizeof(float) * d);
-            s->krow[nk++] = r;
-        }
+        if (!s->set[r]) s->krow[nk++] = r;
+    gather_rows(s->tmp, s->x, s->krow, nk, d);
     mlp_rows(s->pool, s->h, s->a, s->up, s->gate, s->tmp, nk, lw, c);
     for (int64_t r = 0; r < N; r++)
         if (s->set[r]) memset(s->a + r * d, 0, sizeof(float) * d);
-    for (int64_t i = 0; i < nk; i++) memcpy(s->a + s->krow[i] * d, s->h + i * d, sizeof(float) * d);
+    scatter_rows(s->a, s->h, s->krow, nk, d);
 }
 
 /* The last block when only the rows s->wrow[0..nw) (mask s->want) are read afterwards, for their
@@ -536,41 +550,31 @@ static int last_block_rows(Scratch *s, const Model *m, const Batch *b, int64_t n
     if (c->rope) rope_rows(s->pool, s->k, N, KV, s->pos, c, l);
 
     /* queries of the wanted rows: h rows gathered into tmp (nw, d), q into z (nw, H*dh), then scattered */
-    for (int64_t i = 0; i < nw; i++) {
-        memcpy(s->tmp + i * d, s->h + wrow[i] * d, sizeof(float) * d);
-        s->wpos[i] = s->pos[wrow[i]];
-    }
+    gather_rows(s->tmp, s->h, wrow, nw, d);
+    for (int64_t i = 0; i < nw; i++) s->wpos[i] = s->pos[wrow[i]];
     matmul(s->pool, s->z, s->tmp, lw->W_Q, lw->b_Q, nw, d, qd);
     if (c->qk_norm) head_norm_rows(s->pool, s->z, nw * H, dh, lw->q_norm_w, c->norm_eps);
     if (c->rope) rope_rows(s->pool, s->z, nw, H, s->wpos, c, l);
-    for (int64_t i = 0; i < nw; i++) memcpy(s->q + wrow[i] * qd, s->z + i * qd, sizeof(float) * qd);
+    scatter_rows(s->q, s->z, wrow, nw, qd);
     if (attention_layer(s->pool, s->z, NULL, 0, s->q, s->k, s->v, b, l, c, blocks, n_blocks, s->row0, s->attn_off, maxn,
                         maxP, s->want))
         return -1;
 
     /* attn_out of the wanted rows: z gathered into q (nw, H*dh), projected into h (nw, d), scattered into a */
-    for (int64_t i = 0; i < nw; i++) memcpy(s->q + i * qd, s->z + wrow[i] * qd, sizeof(float) * qd);
+    gather_rows(s->q, s->z, wrow, nw, qd);
     matmul(s->pool, s->h, s->q, lw->W_O, lw->b_O, nw, qd, d);
     if (c->post_norms) norm_rows(s->pool, s->h, NULL, s->h, nw, d, lw->post_attn_norm_w, NULL, c->norm_eps, NORM_RMS);
-    for (int64_t i = 0; i < nw; i++) memcpy(s->a + wrow[i] * d, s->h + i * d, sizeof(float) * d);
+    scatter_rows(s->a, s->h, wrow, nw, d);
     apply_patches(s->a, d, SITE_ATTN_OUT, l, patches, n_patches, s->want);
 
-    /* x += attn_out; the MLP of the gathered rows tmp (nw, d) into h (a as its scratch), scattered into a;
-     * x += mlp_out */
-    for (int64_t i = 0; i < nw; i++) {
-        float *xr = s->x + wrow[i] * d;
-        const float *ar = s->a + wrow[i] * d;
-        for (int j = 0; j < d; j++) xr[j] += ar[j];
-        memcpy(s->tmp + i * d, xr, sizeof(float) * d);
-    }
-    mlp_rows(s->pool, s->h, s->a, s->up, s->gate, s->tmp, nw, lw, c); /* a's rows are free once added to x */
-    for (int64_t i = 0; i < nw; i++) memcpy(s->a + wrow[i] * d, s->h + i * d, sizeof(float) * d);
+    /* x += attn_out; the MLP of the gathered rows tmp (nw, d) into h (a as its scratch, free once added to
+     * x), scattered into a; x += mlp_out */
+    add_rows_at(s->x, s->a, wrow, nw, d);
+    gather_rows(s->tmp, s->x, wrow, nw, d);
+    mlp_rows(s->pool, s->h, s->a, s->up, s->gate, s->tmp, nw, lw, c);
+    scatter_rows(s->a, s->h, wrow, nw, d);
     apply_patches(s->a, d, SITE_MLP_OUT, l, patches, n_patches, s->want);
-    for (int64_t i = 0; i < nw; i++) {
-        float *xr = s->x + wrow[i] * d;
-        const float *ar = s->a + wrow[i] * d;
-        for (int j = 0; j < d; j++) xr[j] += ar[j];
-    }
+    add_rows_at(s->x, s->a, wrow, nw, d);
     apply_patches(s->x, d, SITE_RESID_POST, l, patches, n_patches, s->want);
     return 0;
 }
