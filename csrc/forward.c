@@ -116,10 +116,11 @@ static void norm_rows(Pool *pool, float *out, float *scale, const float *x, int6
 /* exp(x) in float32 for the activations and the softmax over the vocabulary: x = n ln2 + r (two-part
  * ln2), exp(r) by Cephes' degree-6 polynomial, times 2^n built in the exponent bits. Largest relative
  * error 8e-8 (glibc's expf: 6e-8), branch-free so that loops of it vectorize; x clamped to
- * [-87, 88] (exp(-87) = 1.6e-38 stands in for anything smaller). */
+ * [-87, 88] (exp(-87) = 1.6e-38 stands in for anything smaller); callers keep NaN themselves (x / (1 + e)
+ * is NaN for x = NaN). */
 static inline float fast_expf(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
+    x = x > -87.0f ? x : -87.0f; /* NaN -> -87: the conversion to int below stays defined */
+    x = x < 88.0f ? x : 88.0f;
     float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;

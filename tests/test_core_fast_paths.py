@@ -169,3 +169,21 @@ def test_target_prob_argument_checks():
         m._core.forward(*args, capture=cap, logit_targets=np.array([1, m.config.vocab_size], np.int64), **kw)
     with pytest.raises(ValueError, match="float64"):
         m._core.forward(*args, capture={"target_prob": np.empty(2, np.float32)}, logit_targets=np.array([1, 2]), **kw)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa2_tied", "gemma3"])
+def test_nan_propagates_through_the_fast_exp(name):
+    """A NaN entering the residual stream reaches the logits as NaN (the vectorized exp clamps NaN to a
+    finite argument, the activation x / (1 + e) keeps it NaN), and target probabilities are NaN too."""
+    m = fixture_model(name)
+    d = m.config.d_model
+    v = np.zeros(d, np.float32)
+    v[3] = np.nan
+    r = m.run([1, 2, 3], interventions=[iv.add("embed", v, positions=[1])], capture=["mlp_out"])
+    assert np.isnan(r.logits[1:]).all() and np.isfinite(r.logits[0]).all()
+    assert np.isnan(r.mlp_out[:, 1:]).all() and np.isfinite(r.mlp_out[:, 0]).all()
+    kw = compile_interventions([iv.add("embed", v, positions=[1])], [3], m.config.n_layers, d)
+    cap = {"target_prob": np.empty(2, np.float64)}
+    m._core.forward(np.array([3], np.int32), ids=np.array([1, 2, 3], np.int32), capture=cap,
+                    logit_rows=np.array([0, 2], np.int64), logit_targets=np.array([5, 5], np.int64), **kw)
+    assert np.isfinite(cap["target_prob"][0]) and np.isnan(cap["target_prob"][1])
