@@ -45,7 +45,8 @@ def _replay(target, data, tmp_path):
         d = tmp_path / "model"
         shutil.copytree(FIX / names[data[0] % len(names)], d)
         _write(d / "config.json", data[1:])
-        load_hf_dir(d).run([1, 2, 3])
+        m = load_hf_dir(d)
+        m.run([1, 2, 3][:m.config.n_ctx])
     elif target in ("gguf", "c_gguf"):
         p = _write(tmp_path / "m.gguf", data)
         with GGUFFile(p) as f:
@@ -169,3 +170,17 @@ def test_index_shard_name_too_long(tmp_path):
     index.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="bad file name"):
         load_hf_dir(d)
+
+
+def test_config_tiny_context_loads_and_refuses_longer_input(tmp_path):
+    # fuzz config-0afa9096c562 (a harness bug, not a parser bug): max_position_embeddings = 2 is a valid
+    # config; the model loads, runs 2 tokens and refuses 3 with InputError naming the context
+    d = tmp_path / "model"
+    shutil.copytree(FIX / "llama_gqa2_tied", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["max_position_embeddings"] = 2
+    (d / "config.json").write_text(json.dumps(cfg))
+    m = load_hf_dir(d)
+    assert m.run([1, 2]).logits.shape == (2, m.config.vocab_size)
+    with pytest.raises(InputError, match="context is 2"):
+        m.run([1, 2, 3])
