@@ -241,7 +241,12 @@ def _sentencepiece(metadata: Mapping[str, Any], arch: str) -> tuple[Tokenizer, l
             rank = dict(zip(tokens, (float(s) for s in scores)))
         merges = _merges_from_vocab(vocab, rank)
     if gemma:
-        unk = tokens[unk_id] if unk_id is not None else "<unk>"
+        if unk_id is not None:
+            if isinstance(unk_id, bool) or not isinstance(unk_id, int) or not 0 <= unk_id < len(tokens):
+                raise ValueError(f"unknown_token_id {unk_id!r} is outside the vocabulary of {len(tokens)} tokens")
+            unk = tokens[unk_id]
+        else:  # no unk id: '<unk>' if the vocabulary has it, else none (a missing unk token makes
+            unk = "<unk>" if "<unk>" in vocab else None  # `tokenizers` fail at encode time)
         tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk, dropout=None,
                                   byte_fallback=True))
         tk.normalizer = normalizers.Replace(" ", _SPIECE)
@@ -266,6 +271,8 @@ def _unigram(metadata: Mapping[str, Any]) -> tuple[Tokenizer, list[str]]:
     tokens = list(_get(metadata, "tokens"))
     scores = [float(s) for s in _get(metadata, "scores")]
     unk_id = _get(metadata, "unknown_token_id", 2)
+    if isinstance(unk_id, bool) or not isinstance(unk_id, int) or not 0 <= unk_id < len(tokens):
+        raise ValueError(f"unknown_token_id {unk_id!r} is outside the vocabulary of {len(tokens)} tokens")
     tk = Tokenizer(models.Unigram(list(zip(tokens, scores)), unk_id=unk_id, byte_fallback=False))
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPIECE, prepend_scheme="always")
     tk.decoder = decoders.Metaspace(replacement=_SPIECE, prepend_scheme="always")

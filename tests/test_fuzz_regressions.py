@@ -59,9 +59,11 @@ def _replay(target, data, tmp_path):
         with GGUFFile(_write(tmp_path / "t.gguf", data)) as f:
             md = f.metadata
         try:
-            load_tokenizer(md)
+            tk, _ = load_tokenizer(md)
         except (ValueError, KeyError, TypeError):  # what load_gguf turns into GGUFError
-            pass
+            return
+        enc = tk.encode("The Eiffel Tower is in Paris. ü ✓ 123")  # as the fuzz target does
+        tk.decode(enc.ids, skip_special_tokens=False)
     else:
         raise AssertionError(f"unknown fuzz target {target!r}")
 
@@ -184,3 +186,19 @@ def test_config_tiny_context_loads_and_refuses_longer_input(tmp_path):
     assert m.run([1, 2]).logits.shape == (2, m.config.vocab_size)
     with pytest.raises(InputError, match="context is 2"):
         m.run([1, 2, 3])
+
+
+@pytest.mark.parametrize("unk_id", [None, 999, -1, "0"])
+def test_gguf_gemma_tokenizer_without_unk_token(unk_id):
+    # fuzz gguf_tokenizer-d0bd5a3ff8ea: a Gemma vocabulary without '<unk>' and no unknown_token_id built a
+    # tokenizer whose encode() raised a bare Exception ("Unk token `<unk>` not found in the vocabulary")
+    md = {"general.architecture": "gemma3", "tokenizer.ggml.model": "llama",
+          "tokenizer.ggml.tokens": ["<pad>", "a", "b", "ab"] + [f"<0x{i:02X}>" for i in range(256)],
+          "tokenizer.ggml.scores": [0.0] * 260}
+    if unk_id is not None:
+        md["tokenizer.ggml.unknown_token_id"] = unk_id
+        with pytest.raises(ValueError, match="unknown_token_id"):
+            load_tokenizer(md)
+        return
+    tk, _ = load_tokenizer(md)
+    assert len(tk.encode("ab ü ✓").ids) > 0
