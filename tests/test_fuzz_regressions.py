@@ -54,7 +54,11 @@ def _replay(target, data, tmp_path):
                 f.raw(n)
                 if info.type_name in gb.DEQUANT_TYPES:
                     f.tensor(n)
-        load_gguf(p)
+        m = load_gguf(p)
+        V, n_ctx = m.config.vocab_size, m.config.n_ctx  # as the fuzz target runs it
+        ids = m.encode("The Eiffel Tower is in") if m.tokenizer is not None else [1 % V, 2 % V]
+        if len(ids[:n_ctx]):
+            m.run(list(ids)[:n_ctx])
     elif target == "gguf_tokenizer":
         with GGUFFile(_write(tmp_path / "t.gguf", data)) as f:
             md = f.metadata
