@@ -510,14 +510,14 @@ static void add_rows_at(float *x, const float *a, const int64_t *idx, int64_t n,
 static void mlp_block(Scratch *s, const LayerWeights *lw, const Config *c, int l, const Patch *p, int64_t np,
                       int64_t N) {
     int d = c->d_model;
-    int64_t nset = 0;
+    int any = 0;
     for (int64_t i = 0; i < np; i++)
         if (p[i].site == SITE_MLP_OUT && p[i].layer == l && p[i].op == OP_SET) {
-            if (!nset) memset(s->set, 0, (size_t)N);
-            nset += !s->set[p[i].row];
+            if (!any) memset(s->set, 0, (size_t)N);
+            any = 1;
             s->set[p[i].row] = 1;
         }
-    if (!nset) {
+    if (!any) {
         mlp_rows(s->pool, s->a, s->h, s->up, s->gate, s->x, N, lw, c);
         return;
     }
@@ -557,8 +557,8 @@ static int last_block_rows(Scratch *s, const Model *m, const Batch *b, int64_t n
     if (c->qk_norm) head_norm_rows(s->pool, s->z, nw * H, dh, lw->q_norm_w, c->norm_eps);
     if (c->rope) rope_rows(s->pool, s->z, nw, H, s->wpos, c, l);
     scatter_rows(s->q, s->z, wrow, nw, qd);
-    if (attention_layer(s->pool, s->z, NULL, 0, s->q, s->k, s->v, b, l, c, blocks, n_blocks, s->row0, s->attn_off, maxn,
-                        maxP, s->want))
+    if (attention_layer(s->pool, s->z, NULL, 0, s->q, s->k, s->v, b, l, c, blocks, n_blocks, s->row0, s->attn_off,
+                        maxn, maxP, s->want))
         return -1;
 
     /* attn_out of the wanted rows: z gathered into q (nw, H*dh), projected into h (nw, d), scattered into a */

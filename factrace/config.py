@@ -267,6 +267,18 @@ def from_hf_config(c: dict, where: str = "config.json") -> ModelConfig:
         raise ConfigError(f"{where}: bad config value ({e})") from None
 
 
+def _qwen_windows(c: dict, L: int, where: str) -> list:
+    """Per-layer sliding windows of Qwen2/Qwen3 (0 = full attention): only with use_sliding_window, on the
+    layers layer_types marks, or else on the layers from max_window_layers on."""
+    if not (c.get("use_sliding_window") and c.get("sliding_window")):
+        return [0] * L
+    sw = _pos_int(c["sliding_window"], "sliding_window", where, hi=1 << 30)
+    mwl = _pos_int(c.get("max_window_layers", L), "max_window_layers", where, lo=0)
+    types = (_opt_str_list(c, "layer_types", where, L)
+             or ["sliding_attention" if i >= mwl else "full_attention" for i in range(L)])
+    return [sw if t == "sliding_attention" else 0 for t in types]
+
+
 def _gpt2(c: dict, where: str) -> ModelConfig:
     d = _pos_int(_req(c, "n_embd", where, ("hidden_size",)), "n_embd", where)
     L = _pos_int(_req(c, "n_layer", where, ("num_hidden_layers",)), "n_layer", where)
@@ -285,7 +297,8 @@ def _gpt2(c: dict, where: str) -> ModelConfig:
     return ModelConfig(
         arch="GPT2LMHeadModel", n_layers=L, n_heads=H, n_kv_heads=H, d_model=d, d_head=dh,
         d_mlp=_pos_int(c.get("n_inner") or 4 * d, "n_inner", where), vocab_size=V, n_ctx=n_ctx,
-        norm="layernorm", norm_eps=_num(c.get("layer_norm_epsilon", 1e-5), "layer_norm_epsilon", where, zero_ok=True), act=act, gated_mlp=False,
+        norm="layernorm", norm_eps=_num(c.get("layer_norm_epsilon", 1e-5), "layer_norm_epsilon", where, zero_ok=True),
+        act=act, gated_mlp=False,
         learned_pos=True, rope=False, attn_scale=scale, tied=True, attn_bias=True, o_bias=True, mlp_bias=True,
         bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"), raw=c,
     )
@@ -319,7 +332,8 @@ def _llama_family(c: dict, arch: str, where: str) -> ModelConfig:
     tied = bool(c.get("tie_word_embeddings", gemma))
     cfg = ModelConfig(
         arch=arch, n_layers=L, n_heads=H, n_kv_heads=KV, d_model=d, d_head=dh, d_mlp=F, vocab_size=V,
-        n_ctx=n_ctx, norm="rmsnorm", norm_eps=_num(c.get("rms_norm_eps", 1e-6), "rms_norm_eps", where, zero_ok=True), act=act, gated_mlp=True,
+        n_ctx=n_ctx, norm="rmsnorm", norm_eps=_num(c.get("rms_norm_eps", 1e-6), "rms_norm_eps", where, zero_ok=True),
+        act=act, gated_mlp=True,
         learned_pos=False, rope=True, tied=tied, bos_token_id=c.get("bos_token_id"),
         eos_token_id=c.get("eos_token_id"), raw=c,
     )
@@ -330,19 +344,11 @@ def _llama_family(c: dict, arch: str, where: str) -> ModelConfig:
         cfg.mlp_bias = bool(c.get("mlp_bias", False))
     elif arch == "Qwen2ForCausalLM":
         cfg.attn_bias = True
-        if c.get("use_sliding_window") and c.get("sliding_window"):
-            mwl = _pos_int(c.get("max_window_layers", L), "max_window_layers", where, lo=0)
-            types = (_opt_str_list(c, "layer_types", where, L)
-                     or ["sliding_attention" if i >= mwl else "full_attention" for i in range(L)])
-            windows = [_pos_int(c["sliding_window"], "sliding_window", where, hi=1 << 30) if t == "sliding_attention" else 0 for t in types]
+        windows = _qwen_windows(c, L, where)
     elif arch == "Qwen3ForCausalLM":
         cfg.attn_bias = cfg.o_bias = bool(c.get("attention_bias", False))
         cfg.qk_norm = True
-        if c.get("use_sliding_window") and c.get("sliding_window"):
-            mwl = _pos_int(c.get("max_window_layers", L), "max_window_layers", where, lo=0)
-            types = (_opt_str_list(c, "layer_types", where, L)
-                     or ["sliding_attention" if i >= mwl else "full_attention" for i in range(L)])
-            windows = [_pos_int(c["sliding_window"], "sliding_window", where, hi=1 << 30) if t == "sliding_attention" else 0 for t in types]
+        windows = _qwen_windows(c, L, where)
     elif arch == "MistralForCausalLM":
         if c.get("sliding_window"):
             windows = [_pos_int(c["sliding_window"], "sliding_window", where, hi=1 << 30)] * L

@@ -222,6 +222,13 @@ def _byte_level(metadata: Mapping[str, Any]) -> tuple[Tokenizer, list[str]]:
     return tk, list(tokens)
 
 
+def _token_index(i, tokens, key: str) -> int:
+    """``i`` if it is an integer index into ``tokens``, else ValueError naming ``key``."""
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(tokens):
+        raise ValueError(f"{key} {i!r} is outside the vocabulary of {len(tokens)} tokens")
+    return i
+
+
 def _sentencepiece(metadata: Mapping[str, Any], arch: str) -> tuple[Tokenizer, list[str]]:
     tokens = list(_get(metadata, "tokens"))
     gemma = (isinstance(arch, str) and arch in _GEMMA_ARCHS) or _get(metadata, "model") == "gemma4"
@@ -242,9 +249,7 @@ def _sentencepiece(metadata: Mapping[str, Any], arch: str) -> tuple[Tokenizer, l
         merges = _merges_from_vocab(vocab, rank)
     if gemma:
         if unk_id is not None:
-            if isinstance(unk_id, bool) or not isinstance(unk_id, int) or not 0 <= unk_id < len(tokens):
-                raise ValueError(f"unknown_token_id {unk_id!r} is outside the vocabulary of {len(tokens)} tokens")
-            unk = tokens[unk_id]
+            unk = tokens[_token_index(unk_id, tokens, "unknown_token_id")]
         else:  # no unk id: '<unk>' if the vocabulary has it, else none (a missing unk token makes
             unk = "<unk>" if "<unk>" in vocab else None  # `tokenizers` fail at encode time)
         tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk, dropout=None,
@@ -270,9 +275,7 @@ def _sentencepiece(metadata: Mapping[str, Any], arch: str) -> tuple[Tokenizer, l
 def _unigram(metadata: Mapping[str, Any]) -> tuple[Tokenizer, list[str]]:
     tokens = list(_get(metadata, "tokens"))
     scores = [float(s) for s in _get(metadata, "scores")]
-    unk_id = _get(metadata, "unknown_token_id", 2)
-    if isinstance(unk_id, bool) or not isinstance(unk_id, int) or not 0 <= unk_id < len(tokens):
-        raise ValueError(f"unknown_token_id {unk_id!r} is outside the vocabulary of {len(tokens)} tokens")
+    unk_id = _token_index(_get(metadata, "unknown_token_id", 2), tokens, "unknown_token_id")
     tk = Tokenizer(models.Unigram(list(zip(tokens, scores)), unk_id=unk_id, byte_fallback=False))
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPIECE, prepend_scheme="always")
     tk.decoder = decoders.Metaspace(replacement=_SPIECE, prepend_scheme="always")

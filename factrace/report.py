@@ -511,6 +511,20 @@ def _band(x):
     return float(1.96 * x.std() / np.sqrt(len(x))) if len(x) else np.nan
 
 
+def _mean_band(groups, columns):
+    """Per group of ``groups`` (a pandas GroupBy): for each (column, band_name) of ``columns`` the mean
+    of the column and, when band_name is given, its 95% band under that name; then n, the group size."""
+    import pandas as pd
+
+    out = {}
+    for col, band in columns:
+        out[col] = groups[col].mean()
+        if band:
+            out[band] = groups[col].agg(_band)
+    out["n"] = groups.size()
+    return pd.DataFrame(out).reset_index()
+
+
 def _tables(per_model, kinds):
     import pandas as pd
 
@@ -534,9 +548,7 @@ def _tables(per_model, kinds):
                        ate=per_fact.high_score.mean() - per_fact.low_score.mean())
             t["raw_restoration"].append(rest.assign(model=lab))
             ls = _last_subject(rest)
-            g = ls.groupby(["kind", "layer"]).effect
-            lsm = g.agg(effect="mean", n="count").reset_index()
-            lsm["band"] = g.agg(_band).to_numpy()
+            lsm = _mean_band(ls.groupby(["kind", "layer"]), [("effect", "band")])
             lsm["depth"] = lsm.layer / max(1, L - 1)
             t["restoration_last_subject"].append(lsm.assign(model=lab))
             dt = T.DatasetTrace(frame=rest, facts=per_fact.reset_index(), rejected=[], kinds=tuple(kinds))
@@ -551,23 +563,15 @@ def _tables(per_model, kinds):
             sv = fm["severing"]
             t["raw_severing"].append(sv.assign(model=lab))
             for frozen, g2 in sv.groupby("frozen"):
-                gg = g2.groupby("layer")
-                d = pd.DataFrame({"effect": gg.effect.mean(), "band": gg.effect.agg(_band),
-                                  "unsevered_effect": gg.unsevered_effect.mean(),
-                                  "unsevered_band": gg.unsevered_effect.agg(_band), "n": gg.size()}).reset_index()
+                d = _mean_band(g2.groupby("layer"), [("effect", "band"), ("unsevered_effect", "unsevered_band")])
                 d["depth"] = d.layer / max(1, L - 1)
                 t["severing"].append(d.assign(model=lab, frozen=frozen))
             ko = fm["knockout"]
             t["raw_knockout"].append(ko.assign(model=lab))
             for kind, g3 in ko.groupby("kind"):
-                gg = g3.groupby("start")
-                d = pd.DataFrame({"prob": gg.prob.mean(), "prob_band": gg.prob.agg(_band),
-                                  "clean_prob": gg.clean_prob.mean(),
-                                  "relative_change": gg.relative_change.mean(),
-                                  "relative_change_band": gg.relative_change.agg(_band),
-                                  "objects_rate": gg.objects_rate.mean(),
-                                  "objects_rate_band": gg.objects_rate.agg(_band),
-                                  "clean_objects_rate": gg.clean_objects_rate.mean(), "n": gg.size()}).reset_index()
+                d = _mean_band(g3.groupby("start"), [
+                    ("prob", "prob_band"), ("clean_prob", None), ("relative_change", "relative_change_band"),
+                    ("objects_rate", "objects_rate_band"), ("clean_objects_rate", None)])
                 d["depth"] = d.start / max(1, L - 1)
                 t["knockout"].append(d.assign(model=lab, kind=kind, window=int(g3.window.iloc[0])))
             t["gini"].append(fm["gini"].assign(model=lab))
@@ -594,6 +598,11 @@ def _figures(tables, fig_dir: Path, kinds, models):
     figs = []
     colors = {lab: f"C{i}" for i, lab in enumerate(models)}
 
+    def line_band(ax, x, y, band, color, label, fmt="o-"):
+        """A mean curve with its 95% band shaded."""
+        ax.plot(x, y, fmt, ms=3, color=color, label=label)
+        ax.fill_between(x, y - band, y + band, color=color, alpha=0.2)
+
     def save(fig, name, caption):
         p = fig_dir / name
         fig.tight_layout()
@@ -608,8 +617,7 @@ def _figures(tables, fig_dir: Path, kinds, models):
             for lab in models:
                 g = ls[(ls.model == lab) & (ls.kind == kind)].sort_values("layer")
                 if len(g):
-                    ax.plot(g.depth, g.effect, "o-", ms=3, label=lab, color=colors[lab])
-                    ax.fill_between(g.depth, g.effect - g.band, g.effect + g.band, color=colors[lab], alpha=0.2)
+                    line_band(ax, g.depth, g.effect, g.band, colors[lab], lab)
             ax.set_title(f"restoring {kind} at the last subject token", fontsize=9)
             ax.set_xlabel("relative layer depth (layer / (L-1))")
             ax.axhline(0, color="0.7", lw=0.5)
@@ -624,13 +632,11 @@ def _figures(tables, fig_dir: Path, kinds, models):
         for ax, lab in zip(axes[0], ms):
             g = sv[sv.model == lab]
             base = g[g.frozen == "mlp"].sort_values("layer")
-            ax.plot(base.layer, base.unsevered_effect, color="C4", label="hidden (nothing frozen)")
-            ax.fill_between(base.layer, base.unsevered_effect - base.unsevered_band,
-                            base.unsevered_effect + base.unsevered_band, color="C4", alpha=0.2)
+            line_band(ax, base.layer, base.unsevered_effect, base.unsevered_band, "C4", "hidden (nothing frozen)",
+                      fmt="-")
             for frozen, c in (("mlp", "C2"), ("attn", "C3")):
                 h = g[g.frozen == frozen].sort_values("layer")
-                ax.plot(h.layer, h.effect, "o-", ms=3, color=c, label=f"{frozen} frozen")
-                ax.fill_between(h.layer, h.effect - h.band, h.effect + h.band, color=c, alpha=0.2)
+                line_band(ax, h.layer, h.effect, h.band, c, f"{frozen} frozen")
             ax.set_title(f"{lab}: severing at the last subject token", fontsize=9)
             ax.set_xlabel("layer")
         axes[0][0].set_ylabel("indirect effect")
@@ -648,16 +654,12 @@ def _figures(tables, fig_dir: Path, kinds, models):
                 if not len(g):
                     continue
                 ax = axes[0][j]
-                ax.plot(g.depth, g.relative_change, "o-", ms=3, color=colors[lab], label=lab)
-                ax.fill_between(g.depth, g.relative_change - g.relative_change_band,
-                                g.relative_change + g.relative_change_band, color=colors[lab], alpha=0.2)
+                line_band(ax, g.depth, g.relative_change, g.relative_change_band, colors[lab], lab)
                 ax.set_title(f"{kind} knockout: answer probability", fontsize=9)
                 ax.set_ylabel("relative change (%)")
                 if has_obj:
                     ax = axes[1][j]
-                    ax.plot(g.depth, g.objects_rate, "o-", ms=3, color=colors[lab], label=lab)
-                    ax.fill_between(g.depth, g.objects_rate - g.objects_rate_band,
-                                    g.objects_rate + g.objects_rate_band, color=colors[lab], alpha=0.2)
+                    line_band(ax, g.depth, g.objects_rate, g.objects_rate_band, colors[lab], lab)
                     ax.axhline(g.clean_objects_rate.iloc[0], color=colors[lab], ls=":", lw=1)
                     ax.set_title(f"{kind} knockout: objects rate (dotted: no knockout)", fontsize=9)
                     ax.set_ylabel("objects rate (%)")

@@ -261,6 +261,23 @@ class _Tracer:
         return dict(cap, post=post, probs=cap["target_prob"], noised=vals)
 
     # -- fast restoration of many cells in one C call --------------------------------------------
+    def _stacked_inputs(self, start_layer, positions, first_rows_value=None, base=0) -> np.ndarray:
+        """(R, d) the corrupted run's inputs of block ``start_layer`` stacked as _restore runs them (for
+        each t in ``positions``, for each sample s, rows t .. T-1), row t set to ``first_rows_value[t_index]``
+        ((n_t, d) or (n_t, S, d)) when given."""
+        S, T = self.S, self.T
+        cor = self.corrupt[base]
+        src = cor["resid_pre"][start_layer] if start_layer < self.L else cor["resid_final"]
+        parts = []
+        for ti, t in enumerate(positions):
+            for s in range(S):
+                x = src[s * T + t: s * T + T].copy()
+                if first_rows_value is not None:
+                    fv = first_rows_value[ti]
+                    x[0] = fv[s] if fv.ndim == 2 else fv
+                parts.append(x)
+        return np.concatenate(parts)
+
     def _restore(self, start_layer, positions, first_rows_value=None, base=0, patches=None, end_layer=None,
                  inputs=None, capture_mid=False):
         """Run, for every position t in ``positions`` and every sample s, the corrupted sequence through
@@ -274,18 +291,11 @@ class _Tracer:
         S, T, L = self.S, self.T, self.L
         end_layer = L if end_layer is None else end_layer
         cor = self.corrupt[base]
-        src = cor["resid_pre"][start_layer] if start_layer < L else cor["resid_final"]
-        lens, starts, prows, parts, last = [], [], [], [], []
+        lens, starts, prows, last = [], [], [], []
         row = 0
         p_site, p_layer, p_row, p_val = [], [], [], []
         for ti, t in enumerate(positions):
             for s in range(S):
-                if inputs is None:
-                    x = src[s * T + t: s * T + T].copy()
-                    if first_rows_value is not None:
-                        fv = first_rows_value[ti]
-                        x[0] = fv[s] if fv.ndim == 2 else fv
-                    parts.append(x)
                 lens.append(T - t)
                 starts.append(t)
                 prows.append(s * T)
@@ -302,7 +312,7 @@ class _Tracer:
             kw = dict(patch_site=np.array(p_site, np.int32), patch_layer=np.array(p_layer, np.int32),
                       patch_row=np.array(p_row, np.int64), patch_op=np.zeros(len(p_site), np.int32),
                       patch_value=np.ascontiguousarray(np.stack(p_val), dtype=np.float32))
-        x_in = np.concatenate(parts) if inputs is None else inputs
+        x_in = self._stacked_inputs(start_layer, positions, first_rows_value, base) if inputs is None else inputs
         if end_layer < L:
             out = np.empty((row, self.d), np.float32)
             cap, lrows = {"resid_final": out}, None
@@ -390,22 +400,12 @@ class _Tracer:
         def patch_fn(layers):
             return lambda ti, s: [(site, j, clean[j, ts[ti]]) for j in layers]
 
-        # (2) the trunk of the cells with lo == 0, grouped by where their windows end
-        first = block_out_row_t(0, corrupted_row_t(0))
+        # (2) the trunk of the cells with lo == 0, grouped by where their windows end; X holds the trunk's
+        # stacked inputs of block cur
         ends = sorted({hi_of(l) for l in range(L) if lo_of(l) == 0})
         cells_ending = {h: [l for l in range(L) if lo_of(l) == 0 and hi_of(l) == h] for h in ends}
-        if ends[0] == L:  # every trunk cell restores to the top
-            p = self._restore(1, ts, first_rows_value=first, patches=patch_fn(range(1, L)))
-            X = cur = None
-            for l in cells_ending[L]:
-                scores[b:, l] = p
-        elif ends[0] == 1:
-            X = self._restore(1, ts, first_rows_value=first, end_layer=1)  # just the stacked inputs
-            cur = 1
-        else:
-            X = self._restore(1, ts, first_rows_value=first, patches=patch_fn(range(1, ends[0])), end_layer=ends[0])
-            cur = ends[0]
-        for i, h in enumerate(ends if X is not None else []):
+        X, cur = self._stacked_inputs(1, ts, block_out_row_t(0, corrupted_row_t(0))), 1
+        for i, h in enumerate(ends):
             if h == L:  # the last cells restore through the top: finish the trunk
                 p = self._restore(cur, ts, inputs=X, patches=patch_fn(range(cur, L)))
             else:

@@ -279,3 +279,16 @@ def test_report_on_real_models(tmp_path):
     assert res.html.exists() and (tmp_path / "r" / "figures" / "restoration.png").exists()
     if summ.loc["gemma3-270m", "traced"] == 0:
         assert "gemma3-270m knows none" in res.markdown.read_text()
+
+
+def test_mean_band_table():
+    """The per-layer tables of the report: means, 95% bands (1.96 sd / sqrt n) and n, hand-computed."""
+    import pandas as pd
+
+    from factrace.report import _mean_band
+
+    df = pd.DataFrame({"layer": [0, 0, 0, 1], "effect": [1.0, 2.0, 6.0, 4.0], "clean": [5.0, 5.0, 8.0, 1.0]})
+    t = _mean_band(df.groupby("layer"), [("effect", "band"), ("clean", None)])
+    assert list(t.columns) == ["layer", "effect", "band", "clean", "n"]
+    assert t.effect.tolist() == [3.0, 4.0] and t.clean.tolist() == [6.0, 1.0] and t.n.tolist() == [3, 1]
+    assert t.band[0] == pytest.approx(1.96 * np.std([1.0, 2.0, 6.0]) / np.sqrt(3)) and t.band[1] == 0.0
