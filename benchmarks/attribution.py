@@ -93,7 +93,7 @@ def main(argv=None):
     import torch
 
     import factrace
-    from factrace import attribution as A
+    import factrace.methods.dla as A
 
     n = setup_threads(args.threads)
     fm, tm, tmpdir = gpt2_small_pair(seed=0)

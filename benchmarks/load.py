@@ -49,7 +49,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", nargs="*", default=["smollm2", "gemma3-270m", "qwen2.5-coder-0.5b"])
     a = ap.parse_args()
-    from factrace import packaged
+    from factrace.io import packaged
 
     rows = []
     for name in a.models:

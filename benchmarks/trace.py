@@ -87,7 +87,7 @@ def main():
     if a.smollm2:
         from transformers import AutoModelForCausalLM
 
-        from factrace import packaged
+        from factrace.io import packaged
 
         path = packaged.resolve("smollm2")
         sm = factrace.load("smollm2")

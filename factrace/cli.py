@@ -11,7 +11,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -128,7 +127,7 @@ def cmd_lens(a):
 
 
 def cmd_report(a):
-    from . import report
+    from .study import report
 
     report.main_from_args(a)
 
@@ -180,7 +179,7 @@ def build_parser():
                         epilog="example: factrace report --model smollm2 --model gemma3-270m --dataset known_1000 "
                                "--n 100 --out report/")
     try:
-        from . import report
+        from .study import report
 
         report.add_arguments(rp)
     except ImportError:

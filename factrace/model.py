@@ -6,16 +6,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _core
-from .config import ModelConfig
+from .errors import InputError
 from .interventions import compile_interventions
+from .io.config import ModelConfig
 
 ALL_CAPTURES = ("embed", "resid_pre", "resid_mid", "attn_out", "mlp_out", "head_out", "attn", "z",
                 "resid_final", "final_scale")
 CAPTURE_NAMES = ALL_CAPTURES + ("k_cache", "v_cache", "norm_scale_attn")
-
-
-class InputError(ValueError):
-    """Bad input to a run: empty sequence, token id out of range, sequence longer than the context."""
 
 
 @dataclass

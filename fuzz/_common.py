@@ -38,11 +38,11 @@ def overwrite(path, data: bytes) -> Path:
 
 def expected_errors():
     """The exception classes a parser may legitimately raise on malformed input."""
-    from factrace.config import ConfigError
-    from factrace.gguf import GGUFError
-    from factrace.model import InputError
-    from factrace.safetensors import CheckpointError
-    from factrace.tokenizer import TokenizerError
+    from factrace.errors import ConfigError
+    from factrace.errors import GGUFError
+    from factrace.errors import InputError
+    from factrace.errors import CheckpointError
+    from factrace.errors import TokenizerError
 
     return (CheckpointError, GGUFError, ConfigError, TokenizerError, InputError)
 

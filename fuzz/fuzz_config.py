@@ -7,8 +7,8 @@ import _common
 import atheris
 
 with atheris.instrument_imports(include=["factrace"]):
-    from factrace.config import from_hf_config
-    from factrace.loader import load_hf_dir
+    from factrace.io.config import from_hf_config
+    from factrace.io.load import load_hf_dir
 
 ERRORS = _common.expected_errors()
 NAMES = sorted(p.name for p in _common.FIXTURES.iterdir() if (p / "model.safetensors").exists())

@@ -1,12 +1,12 @@
 """Fuzz target: a whole GGUF file through factrace's Python layer over the C reader: header, metadata of
 every type, tensor infos, dequantisation of every tensor, the config built from metadata, the weights
-and the tokenizer (factrace.gguf_model.load_gguf)."""
+and the tokenizer (factrace.io.load.load_gguf)."""
 import _common
 import atheris
 
 with atheris.instrument_imports(include=["factrace"]):
-    from factrace.gguf import GGUFFile
-    from factrace.gguf_model import load_gguf
+    from factrace.io.gguf import GGUFFile
+    from factrace.io.load import load_gguf
 
 ERRORS = _common.expected_errors()
 PATH = _common.SCRATCH / "model.gguf"

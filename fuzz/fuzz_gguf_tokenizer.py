@@ -1,11 +1,11 @@
 """Fuzz target: tokenizer metadata (tokenizer.ggml.*) read from a GGUF file and turned into a `tokenizers`
-tokenizer (factrace.gguf_tokenizer.load_tokenizer), then an encode/decode round trip."""
+tokenizer (factrace.io.gguf_tokenizer.load_tokenizer), then an encode/decode round trip."""
 import _common
 import atheris
 
 with atheris.instrument_imports(include=["factrace"]):
-    from factrace.gguf import GGUFFile
-    from factrace.gguf_tokenizer import load_tokenizer
+    from factrace.io.gguf import GGUFFile
+    from factrace.io.gguf_tokenizer import load_tokenizer
 
 ERRORS = _common.expected_errors()
 PATH = _common.SCRATCH / "tok.gguf"

@@ -4,7 +4,7 @@ import _common  # noqa: F401  (sets sys.path)
 import atheris
 
 with atheris.instrument_imports(include=["factrace"]):
-    from factrace.safetensors import FLOAT_DTYPES, SafetensorsFile
+    from factrace.io.safetensors import FLOAT_DTYPES, SafetensorsFile
 
 ERRORS = _common.expected_errors()
 PATH = _common.SCRATCH / "model.safetensors"

@@ -7,8 +7,8 @@ import _common
 import atheris
 
 with atheris.instrument_imports(include=["factrace"]):
-    from factrace.loader import load_hf_dir
-    from factrace.safetensors import Checkpoint
+    from factrace.io.load import load_hf_dir
+    from factrace.io.safetensors import Checkpoint
 
 ERRORS = _common.expected_errors()
 SRC = _common.FIXTURES / "llama_sharded"

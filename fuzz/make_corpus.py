@@ -54,7 +54,7 @@ def safetensors_seeds():
 def tiny_llama_gguf(quant: str = "F32", with_tokenizer: bool = True) -> bytes:
     """tests/fixtures/models/llama_gqa2_tied as a GGUF file (weights not permuted: only the structure
     matters for a seed)."""
-    from factrace.safetensors import Checkpoint
+    from factrace.io.safetensors import Checkpoint
 
     d = FIX / "llama_gqa2_tied"
     cfg = json.loads((d / "config.json").read_text())

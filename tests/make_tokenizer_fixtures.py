@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from factrace import packaged  # noqa: E402
+from factrace.io import packaged# noqa: E402
 
 MODELS = ["smollm2", "gemma3-270m", "qwen2.5-coder-0.5b"]
 

@@ -1,5 +1,5 @@
 """Direct logit attribution, head-by-source split, logit lens and attention knockout
-(factrace.attribution + the C kernels of factrace._attrib).
+(factrace.methods.dla / lens / attention_knockout + the C kernels of factrace._attrib).
 
 Exactness tests run on every fixture architecture (tests/fixtures/models); the numbers are checked against
 independent NumPy computations from the captured states, and live against transformers + torch
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import factrace
-from factrace import attribution as A
+from factrace.methods import attention_knockout as AK
+from factrace.methods import dla as A
+from factrace.methods import lens as LN
 from conftest import FIXTURES, MODEL_FIXTURES, expected, fixture_model
 
 TOL = 1e-4
@@ -253,7 +255,7 @@ def test_dla_dataset_and_plots():
 def test_dla_dataset_contrast_candidates():
     import warnings
 
-    from factrace.datasets import load_dataset
+    from factrace.study.datasets import load_dataset
 
     m = fixture_model("gpt2")
     # the fixture's tiny tokenizer gives most candidates the same first token (" "); these differ
@@ -321,7 +323,7 @@ def test_logit_lens_positions_tables_plot_and_extraction_rate():
     assert len(f) == (m.config.n_layers + 1) * 2 * 4
     fig = lens.plot()
     fig.savefig(io.BytesIO(), format="png")
-    rate = A.attribute_extraction_rate(m, [prompt, "The dog did not care", ("Water boils at", None, None)])
+    rate = LN.attribute_extraction_rate(m, [prompt, "The dog did not care", ("Water boils at", None, None)])
     assert list(rate.columns) == ["layer", "attn", "mlp"] and len(rate) == m.config.n_layers
     assert 0 <= rate.attrs["any_attn"] <= 100
 
@@ -331,11 +333,11 @@ def test_logit_lens_positions_tables_plot_and_extraction_rate():
 
 
 def test_knockout_windows():
-    assert list(A.knockout_window(0, 12)) == [0, 1, 2, 3, 4]
-    assert list(A.knockout_window(6, 12)) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
-    assert list(A.knockout_window(11, 12)) == [7, 8, 9, 10, 11]
-    assert A.knockout_keys(6, (1, 3), "non_subject") == [0, 3, 4]
-    assert A.knockout_keys(6, (1, 3), "last") == [5]
+    assert list(AK.knockout_window(0, 12)) == [0, 1, 2, 3, 4]
+    assert list(AK.knockout_window(6, 12)) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert list(AK.knockout_window(11, 12)) == [7, 8, 9, 10, 11]
+    assert AK.knockout_keys(6, (1, 3), "non_subject") == [0, 3, 4]
+    assert AK.knockout_keys(6, (1, 3), "last") == [5]
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa2_tied", "mistral", "gemma3"])
@@ -348,12 +350,12 @@ def test_knockout_of_no_edges_changes_nothing_and_batch_equals_single(name):
     empty = m.run(ids, logits="last", interventions=[factrace.block_attention(range(m.config.n_layers), [-1], [])])
     np.testing.assert_array_equal(base.logits, empty.logits)
     ko = factrace.attention_knockout(m, ids, subject=(2, 5), window=3)
-    assert set(ko.rel_change) == set(A.KNOCKOUT_KINDS)
-    for kind in A.KNOCKOUT_KINDS:
+    assert set(ko.rel_change) == set(AK.KNOCKOUT_KINDS)
+    for kind in AK.KNOCKOUT_KINDS:
         for l in range(m.config.n_layers):
-            keys = A.knockout_keys(len(ids), (2, 5), kind)
+            keys = AK.knockout_keys(len(ids), (2, 5), kind)
             one = m.run(ids, logits="last", interventions=[
-                factrace.block_attention(list(A.knockout_window(l, m.config.n_layers, 3)), [-1], keys)])
+                factrace.block_attention(list(AK.knockout_window(l, m.config.n_layers, 3)), [-1], keys)])
             assert ko.p_new[kind][l] == pytest.approx(float(one.probs[0, ko.target]), abs=1e-6)
     f = ko.frame()
     assert len(f) == 3 * m.config.n_layers
@@ -364,8 +366,8 @@ def test_knockout_of_no_edges_changes_nothing_and_batch_equals_single(name):
 def test_knockout_dataset():
     m = fixture_model("gpt2")
     recs = [("The capital of France is the city of", "France", None), ("The dog did not care, and", "dog", None)]
-    d = A.attention_knockout_dataset(m, recs, window=1)
-    assert d.n == 2 and set(d.mean) == set(A.KNOCKOUT_KINDS)
+    d = AK.attention_knockout_dataset(m, recs, window=1)
+    assert d.n == 2 and set(d.mean) == set(AK.KNOCKOUT_KINDS)
     assert d.mean["subject"].shape == (m.config.n_layers,)
     d.plot().savefig(io.BytesIO(), format="png")
 

@@ -11,8 +11,8 @@ import pytest
 
 import factrace
 from factrace import CheckpointError, ConfigError, InputError
-from factrace.safetensors import SafetensorsFile
-from factrace.tokenizer import TokenizerError
+from factrace.io.safetensors import SafetensorsFile
+from factrace.errors import TokenizerError
 
 from conftest import FIXTURES, fixture_model
 

@@ -137,7 +137,7 @@ def test_set_mlp_rows_are_not_computed_but_equal(name):
 
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
 def test_target_prob_equals_numpy_softmax(name):
-    from factrace.tracing import _softmax_prob
+    from factrace.methods._common import _softmax_prob
 
     m = fixture_model(name)
     c = m.config

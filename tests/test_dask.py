@@ -46,7 +46,7 @@ def test_dask_needs_a_model_source(client):
 
 
 def test_report_on_dask_equals_local(client, tmp_path):
-    from factrace.report import run_report
+    from factrace.study.report import run_report
 
     kw = dict(n=3, samples=2, known_only=False, objects=False, progress=False)
     a = run_report([str(FIXTURES / "llama_gqa2_tied")], RECORDS, out=tmp_path / "local", **kw)

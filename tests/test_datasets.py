@@ -1,4 +1,4 @@
-"""Tests for factrace.datasets: offline against ../shared/data, downloads against a local HTTP server."""
+"""Tests for factrace.study.datasets: offline against ../shared/data, downloads against a local HTTP server."""
 from __future__ import annotations
 
 import hashlib
@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from factrace import datasets as ds
-from factrace.datasets import (ChecksumError, DatasetDownloadError, FactRecord, SubjectNotInPromptError,
-                               check_records, load_counterfact, load_dataset, load_facts, load_known_1000,
-                               load_relations)
+from factrace.study import datasets as ds
+from factrace.study.datasets import ChecksumError, DatasetDownloadError, FactRecord, SubjectNotInPromptError, check_records, load_counterfact, load_dataset, load_facts, load_known_1000, load_relations
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not (SHARED / "known_1000.json").exists(), reason="../shared/data absent")

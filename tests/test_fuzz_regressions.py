@@ -14,14 +14,17 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import gguf_builders as gb  # noqa: E402
 
-from factrace.config import ConfigError, from_hf_config  # noqa: E402
-from factrace.gguf import GGUFError, GGUFFile  # noqa: E402
-from factrace.gguf_model import load_gguf  # noqa: E402
-from factrace.gguf_tokenizer import load_tokenizer  # noqa: E402
-from factrace.loader import load_hf_dir  # noqa: E402
-from factrace.model import InputError  # noqa: E402
-from factrace.safetensors import Checkpoint, CheckpointError, SafetensorsFile  # noqa: E402
-from factrace.tokenizer import TokenizerError  # noqa: E402
+from factrace.errors import ConfigError
+from factrace.io.config import from_hf_config# noqa: E402
+from factrace.errors import GGUFError
+from factrace.io.gguf import GGUFFile# noqa: E402
+from factrace.io.load import load_gguf# noqa: E402
+from factrace.io.gguf_tokenizer import load_tokenizer# noqa: E402
+from factrace.io.load import load_hf_dir# noqa: E402
+from factrace.errors import InputError# noqa: E402
+from factrace.io.safetensors import Checkpoint, SafetensorsFile
+from factrace.errors import CheckpointError# noqa: E402
+from factrace.errors import TokenizerError# noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CRASHES = HERE / "fuzz_crashes"

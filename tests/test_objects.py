@@ -1,4 +1,4 @@
-"""Tests for factrace.objects (objects rate of Choe et al. 2025)."""
+"""Tests for factrace.study.objects (objects rate of Choe et al. 2025)."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -9,10 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from factrace import objects as ob
-from factrace.objects import (DictEncoder, Encoder, FunctionEncoder, as_encoder, candidates_from_scores,
-                              candidates_from_tokens, load_stopwords, match_candidates, objects_rate,
-                              reference_words, similarity_matrix)
+from factrace.study import objects as ob
+from factrace.study.objects import DictEncoder, Encoder, FunctionEncoder, as_encoder, candidates_from_scores, candidates_from_tokens, load_stopwords, match_candidates, objects_rate, reference_words, similarity_matrix
 
 
 def _has(mod):

@@ -1,4 +1,4 @@
-"""factrace.packaged: short names, missing-package errors, assembling split models."""
+"""factrace.io.packaged: short names, missing-package errors, assembling split models."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import importlib.metadata as md
 
 import pytest
 
-from factrace import packaged
-from factrace.packaged import KNOWN, ModelNotInstalledError, assemble, resolve
+from factrace.io import packaged
+from factrace.io.packaged import KNOWN, assemble, resolve
+from factrace.errors import ModelNotInstalledError
 
 
 def test_known_names():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import factrace
-from factrace import packaged
+from factrace.io import packaged
 
 pytestmark = pytest.mark.realmodel
 HERE = Path(__file__).resolve().parent

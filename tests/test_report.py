@@ -1,4 +1,4 @@
-"""factrace.report: the cross-architecture report on tiny fixture models (files, resume, bad inputs),
+"""factrace.study.report: the cross-architecture report on tiny fixture models (files, resume, bad inputs),
 looked at in a real headless browser, and once on the real models (realmodel)."""
 import json
 import re
@@ -15,7 +15,8 @@ pytest.importorskip("pyarrow")
 pytest.importorskip("matplotlib")
 
 import factrace  # noqa: E402
-from factrace import report as R  # noqa: E402
+from factrace.study import report as R  # noqa: E402
+from factrace.study import stages as S  # noqa: E402
 
 from conftest import FIXTURES, SHARED_DATA  # noqa: E402
 
@@ -120,7 +121,7 @@ def test_resume_recomputes_only_the_deleted_stage(done):
 
 def test_interrupted_stage_resumes_from_finished_chunks(tmp_path, records_file, monkeypatch):
     out = tmp_path / "rep"
-    real = R._stage_knockout
+    real = S._stage_knockout
     calls, crash = [], [True]
 
     def flaky(m, facts, *a, **k):
@@ -129,7 +130,7 @@ def test_interrupted_stage_resumes_from_finished_chunks(tmp_path, records_file, 
             raise RuntimeError("simulated interruption")
         return real(m, facts, *a, **k)
 
-    monkeypatch.setattr(R, "_stage_knockout", flaky)
+    monkeypatch.setattr(S, "_stage_knockout", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
         small(out, records_file, models=MODELS[:1])
     d = out / "data" / "gpt2"
@@ -260,13 +261,13 @@ def _probe(dom):
 
 @pytest.mark.realmodel
 def test_report_on_real_models(tmp_path):
-    from factrace import packaged
+    from factrace.io import packaged
 
     if not all(packaged.is_installed(x) for x in ("smollm2", "gemma3-270m")):
         pytest.skip("smollm2 / gemma3-270m not installed")
     if not (SHARED_DATA / "known_1000.json").exists():
         pytest.skip("known_1000.json not in ../shared/data")
-    from factrace.datasets import load_dataset
+    from factrace.study.datasets import load_dataset
 
     records = load_dataset("known_1000", SHARED_DATA)[:100]  # bound the known-fact scan
     res = R.run_report(["smollm2", "gemma3-270m"], records, n=3, out=tmp_path / "r", samples=2, objects=None,
@@ -285,7 +286,7 @@ def test_mean_band_table():
     """The per-layer tables of the report: means, 95% bands (1.96 sd / sqrt n) and n, hand-computed."""
     import pandas as pd
 
-    from factrace.report import _mean_band
+    from factrace.study.report_output import _mean_band
 
     df = pd.DataFrame({"layer": [0, 0, 0, 1], "effect": [1.0, 2.0, 6.0, 4.0], "clean": [5.0, 5.0, 8.0, 1.0]})
     t = _mean_band(df.groupby("layer"), [("effect", "band"), ("clean", None)])

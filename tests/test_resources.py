@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 import factrace
-from factrace import loader
-from factrace.gguf import GGUFFile
-from factrace.loader import ModelTooLargeError, check_memory
-from factrace.safetensors import CheckpointError, SafetensorsFile
+import factrace.io.weights as loader
+from factrace.io.gguf import GGUFFile
+from factrace.errors import ModelTooLargeError
+from factrace.io.weights import check_memory
+from factrace.errors import CheckpointError
+from factrace.io.safetensors import SafetensorsFile
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "models"

@@ -1,5 +1,5 @@
 """Concurrency stress: traces (trace / trace_all / sever / knockout) and attributions (dla, logit_lens,
-attention_knockout when factrace.attribution is there) run from several Python threads, on one model
+attention_knockout when the attribution kernels are there) run from several Python threads, on one model
 and on several models at once, give exactly the single-threaded results."""
 import dataclasses
 import random
@@ -27,7 +27,7 @@ def _jobs(name):
         ("knockout", lambda: factrace.knockout(m, PROMPT, SUBJECT, kind="attn", window=1, topk=20)),
     ]
     try:
-        from factrace import attribution as at
+        import factrace as at
     except ImportError:
         at = None
     if at is not None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import factrace
-from factrace.config import from_hf_config
+from factrace.io.config import from_hf_config
 from factrace.model import Model
 
 from conftest import expected, fixture_model

@@ -27,7 +27,7 @@ def _strings(rec):
 
 @pytest.fixture(scope="module")
 def tok():
-    from factrace.tokenizer import Tokenizer
+    from factrace.io.tokenizer import Tokenizer
 
     return Tokenizer.from_file(TOK_DIR / "tokenizer.json")
 

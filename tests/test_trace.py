@@ -5,7 +5,9 @@ import pytest
 
 import factrace
 from factrace import interventions as iv
-from factrace.tracing import _Tracer, gini, knockout, sever, trace, trace_all
+from factrace.methods.tracing import _Tracer, trace, trace_all
+from factrace.methods.knockout import gini, knockout
+from factrace.methods.severing import sever
 from conftest import MODEL_FIXTURES, expected, fixture_model, FIXTURES
 
 SPAN = (2, 5)
@@ -170,7 +172,7 @@ def test_knockout_hand_computed():
     assert k.subject_topk.shape == (1, min(500, m.config.vocab_size))
     # the readout: final-normed state at the last subject token projected on W_E
     r = m.run(ids, capture=["resid_final"], interventions=[iv.zero("mlp_out", layers=[0, 1])])
-    from factrace.tracing import final_norm
+    from factrace.methods.knockout import final_norm
     sc = final_norm(m, r.resid_final[4]) @ m.W("W_E").T
     assert k.subject_topk[0, 0] == int(np.argmax(sc))
     assert k.to_frame().shape[0] == 1
@@ -203,20 +205,20 @@ def test_trace_result_frame_and_plot(tmp_path):
 def test_subject_span_from_offsets():
     m = fixture_model("gpt2")
     text = "The quick brown fox jumps over the lazy dog"
-    b, e = factrace.tracing.subject_span(m, text, "brown fox")
+    b, e = factrace.subject_span(m, text, "brown fox")
     ids, offs = m.tokenizer.encode_with_offsets(text)
     start = text.index("brown fox")
     assert offs[b][0] <= start < offs[b][1] or offs[b][0] == start
     assert offs[e - 1][1] >= start + len("brown fox")
     assert all(offs[i][1] <= start for i in range(b))
     with pytest.raises(ValueError, match="does not occur"):
-        factrace.tracing.subject_span(m, text, "purple cat")
+        factrace.subject_span(m, text, "purple cat")
     with pytest.raises(ValueError, match="not inside"):
-        factrace.tracing.subject_span(m, text, (3, 99))
+        factrace.subject_span(m, text, (3, 99))
 
 
 def test_trace_dataset_and_interrupt(monkeypatch):
-    from factrace import tracing as trmod
+    import factrace.study.dataset_trace as trmod
 
     m = fixture_model("gpt2")
     recs = [dict(prompt="The quick brown fox jumps over", subject="brown fox", attribute="the"),

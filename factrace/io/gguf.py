@@ -20,13 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _gguf
+from .. import _gguf
+from ..errors import GGUFError
 
 __all__ = ["GGUFError", "GGUFFile", "TensorInfo", "dequantize", "type_name", "GGML_TYPES"]
 
 
-class GGUFError(ValueError):
-    """A malformed or unsupported GGUF file, or an unsupported tensor type."""
 
 
 def _build_type_table() -> dict[int, tuple[str, int, int, bool]]:

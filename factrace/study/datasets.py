@@ -51,6 +51,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..errors import ChecksumError, DatasetDownloadError, SubjectNotInPromptError
+
 __all__ = [
     "FactRecord",
     "DatasetDownloadError",
@@ -158,16 +160,6 @@ URLS: dict[str, str] = {
 DATASETS = ("known_1000", "relations", "lre", "counterfact", "facts")
 
 
-class DatasetDownloadError(RuntimeError):
-    """A dataset file could not be downloaded (offline, HTTP error, ...)."""
-
-
-class ChecksumError(DatasetDownloadError):
-    """A downloaded (or cached) file does not have the expected sha256."""
-
-
-class SubjectNotInPromptError(ValueError):
-    """Raised by :func:`check_records` when records' subjects do not occur in their prompts."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,71 +14,15 @@ far less work than the reference:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import interventions as iv
-from .model import Model
+from .. import interventions as iv
+from ..model import Model
+from ._common import _ids_and_offsets, _softmax_prob, _span, token_embeddings
 
 KINDS = ("hidden", "mlp", "attn")
-
-
-# ---------------------------------------------------------------------------------------------
-# inputs
-
-def _ids_and_offsets(m: Model, prompt, add_special_tokens: bool):
-    if isinstance(prompt, str):
-        ids, offs = m._tok().encode_with_offsets(prompt, add_special_tokens=add_special_tokens)
-        return ids, offs, prompt
-    ids = np.asarray(prompt, dtype=np.int32)
-    if ids.ndim != 1 or ids.size == 0:
-        raise ValueError("prompt must be a str or a non-empty 1-D sequence of token ids")
-    return ids, None, None
-
-
-def subject_span(m: Model, prompt, subject, add_special_tokens: bool = True) -> tuple:
-    """Token span ``(b, e)`` of ``subject`` in ``prompt``: the tokens whose characters overlap the first
-    occurrence of the subject string (found with the tokenizer's offsets). ``subject`` may already be a
-    ``(b, e)`` span, which is validated and returned.
-
-    Example:
-        >>> subject_span(m, "The Eiffel Tower is in", "Eiffel Tower")   # doctest: +SKIP
-        (1, 4)
-    """
-    ids, offs, text = _ids_and_offsets(m, prompt, add_special_tokens)
-    return _span(ids, offs, text, subject)
-
-
-def _span(ids, offs, text, subject) -> tuple:
-    T = len(ids)
-    if not isinstance(subject, str):
-        b, e = (int(x) for x in subject)
-        if not 0 <= b < e <= T:
-            raise ValueError(f"subject span ({b}, {e}) is not inside a prompt of {T} tokens")
-        return b, e
-    if text is None:
-        raise ValueError("a subject string needs a str prompt (or give the subject as a (b, e) token span)")
-    start = text.find(subject)
-    if start < 0:
-        raise ValueError(f"subject {subject!r} does not occur in the prompt {text!r}")
-    if not subject.strip():
-        raise ValueError("the subject is empty")
-    end = start + len(subject)
-    hit = [i for i, (s, t) in enumerate(offs) if t > s and s < end and t > start]
-    if not hit:
-        raise ValueError(f"subject {subject!r} covers no token of the prompt")
-    return hit[0], hit[-1] + 1
-
-
-def token_embeddings(m: Model, ids) -> np.ndarray:
-    """(T, d) float32: what the token-embedding module returns for ``ids`` (Gemma: scaled by sqrt(d)),
-    i.e. the site where tracing noise is added (before GPT-2's position embeddings)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    W_E = m.W("W_E")
-    scale = np.float32(m.config.embed_scale)
-    return W_E[ids] * scale if scale != 1 else W_E[ids].copy()
 
 
 def noise_level(m: Model, subjects, k: float = 3.0) -> float:
@@ -114,16 +58,10 @@ def _noise_value(m: Model, noise, noise_subjects) -> float:
 
 
 def _default_subjects() -> tuple:
-    from .datasets import load_dataset
+    from ..study.datasets import load_dataset
 
     return tuple(sorted({r.subject for r in load_dataset("facts")}))
 
-
-def _softmax_prob(logits: np.ndarray, token: int) -> np.ndarray:
-    """(R,) probability of ``token`` under softmax over the full vocabulary of each row of (R, V)."""
-    mx = logits.max(-1, keepdims=True)
-    z = np.exp(logits - mx).sum(-1, dtype=np.float64)  # exp in float32 (as torch), sum in float64
-    return np.exp(logits[:, token].astype(np.float64) - mx[:, 0] - np.log(z))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,11 +136,12 @@ class TraceResult:
         what = {"hidden": "single restored layer", "mlp": f"MLP, window {self.window}",
                 "attn": f"attention, window {self.window}"}[self.kind]
         ax.set_xlabel(f"layer ({what})")
-        ax.set_title(title or f"Impact of restoring state after corrupted input", fontsize=9)
+        ax.set_title(title or "Impact of restoring state after corrupted input", fontsize=9)
         cb = fig.colorbar(h, ax=ax)
         cb.ax.set_title(f"p({self.answer_str.strip()})", fontsize=8)
         matplotlib.pyplot.close(fig)
         return fig
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +154,7 @@ class _Tracer:
         self.m = m
         c = m.config
         self.ids = np.asarray(ids, np.int32)
-        self.T = T = len(self.ids)
+        self.T = len(self.ids)
         self.b, self.e = span
         self.S = samples
         self.level = float(noise)
@@ -457,6 +396,7 @@ class _Tracer:
         return scores
 
 
+
 def trace(m: Model, prompt, subject, kind: str = "hidden", window: int = 10, samples: int = 10, noise="s3",
           seed: int = 1, target=None, engine: str = "fast", add_special_tokens: bool = True,
           noise_subjects=None) -> TraceResult:
@@ -536,448 +476,3 @@ def trace_all(m: Model, prompt, subject, kinds=KINDS, window: int = 10, samples:
     tr = _Tracer(m, ids, span, samples, level, seed, target)
     return {k: _result(m, tr, k, window, engine, text) for k in kinds}
 
-
-# ---------------------------------------------------------------------------------------------
-# severing
-
-@dataclass
-class SeverResult:
-    """Severing at the last subject token: ``effect`` (L,) = score - low_score when the hidden state at
-    (e-1, l) is restored while ``frozen`` ("mlp" or "attn") outputs at e-1 in every layer are held at
-    their corrupted values; ``unsevered`` (L,) the same without freezing (the hidden trace's row)."""
-
-    effect: np.ndarray
-    unsevered: np.ndarray
-    low_score: float
-    high_score: float
-    frozen: str
-    subject_range: tuple
-    answer: int
-    reference_noise: bool
-
-    def to_frame(self):
-        import pandas as pd
-
-        L = len(self.effect)
-        return pd.DataFrame({"layer": np.arange(L), "frozen": self.frozen, "effect": self.effect,
-                             "unsevered_effect": self.unsevered})
-
-
-def sever(m: Model, prompt, subject, frozen: str = "mlp", samples: int = 10, noise="s3", seed: int = 1,
-          target=None, reference_noise: bool = False, engine: str = "fast", add_special_tokens: bool = True,
-          noise_subjects=None) -> SeverResult:
-    """Severing (ROME's "frozen MLP / attention" figure) at the last subject token e-1.
-
-    For each layer l the hidden state at (e-1, l) is restored to its clean value while the ``frozen``
-    sub-layer outputs at position e-1 in ALL layers are held at their values in the corrupted run with
-    nothing restored. Returns per-layer ``score - low_score``.
-
-    ``reference_noise=False`` (default, the clean definition): the frozen values come from the same
-    noise draw as the run they are put into. ``reference_noise=True`` reproduces ROME's code, whose
-    random generator is created once per call, so the run uses the generator's second draw while the
-    frozen values (and low_score) come from the first.
-
-    Example:
-        >>> s = factrace.sever(m, "The Eiffel Tower is located in", "The Eiffel Tower", frozen="mlp")  # doctest: +SKIP
-        >>> s.effect.shape                                                                         # doctest: +SKIP
-        (30,)
-    """
-    if frozen not in ("mlp", "attn"):
-        raise ValueError("frozen must be 'mlp' or 'attn'")
-    ids, offs, text = _ids_and_offsets(m, prompt, add_special_tokens)
-    span = _span(ids, offs, text, subject)
-    level = _noise_value(m, noise, noise_subjects)
-    tr = _Tracer(m, ids, span, samples, level, seed, target, reference_noise_draws=2 if reference_noise else 1)
-    base = 1 if reference_noise else 0
-    e1, T, L, S = tr.e - 1, tr.T, tr.L, tr.S
-    site = iv.SITES[frozen + "_out"]
-    fro = tr.corrupt[0][frozen + "_out"]  # (L, S*T, d), noise draw A
-    eff = np.zeros(L)
-    unsev = np.zeros(L)
-    if engine == "naive":
-        noised = tr.corrupt[base]["noised"].reshape(S, tr.e - tr.b, tr.d)
-        for l in range(L):
-            for k, freeze in ((0, True), (1, False)):
-                ivs = [iv.set_values("embed", noised[s], positions=range(tr.b, tr.e), seq=s) for s in range(S)]
-                ivs.append(iv.set_values("resid_post", tr.clean_post[l, e1], layers=l, positions=e1))
-                if freeze:
-                    ivs += [iv.set_values(frozen + "_out", fro[:, s * T + e1][:, None], positions=e1, seq=s)
-                            for s in range(S)]
-                rs = m.run([tr.ids] * S, interventions=ivs, logits="last")
-                p = np.mean([_softmax_prob(r.logits, tr.answer)[0] for r in rs])
-                (eff if freeze else unsev)[l] = p - tr.low
-    else:
-        for l in range(L):
-            first = tr.clean_post[l, e1][None]
-            if l == L - 1:  # the last block's output at e-1 reaches the answer only if e-1 is the last position
-                p = tr.high if e1 == T - 1 else float(tr.corrupt[base]["probs"].mean())
-                unsev[l] = p - tr.low
-                if not reference_noise:
-                    eff[l] = unsev[l]
-                    continue
-            if reference_noise:
-                # the frozen values (draw A) differ from the run's own (draw B) in every layer, so the
-                # run starts at layer 0 (positions >= e-1) with the hidden restoration as a patch
-                hid = iv.SITES["resid_post"]
-                eff[l] = tr._restore(0, [e1], base=base, patches=lambda ti, s: [
-                    (site, j, fro[j, s * T + e1]) for j in range(L)] + [(hid, l, tr.clean_post[l, e1])])[0] - tr.low
-            else:  # frozen values equal the run's own up to layer l: start after it; the severed and
-                # the unsevered run in one call (position e-1 twice, the frozen values on the first)
-                both = tr._restore(l + 1, [e1, e1], first_rows_value=np.concatenate([first, first]), base=base,
-                                   patches=lambda ti, s: [(site, j, fro[j, s * T + e1]) for j in range(l + 1, L)]
-                                   if ti == 0 else [])
-                eff[l], unsev[l] = both[0] - tr.low, both[1] - tr.low
-                continue
-            if l < L - 1:
-                unsev[l] = tr._restore(l + 1, [e1], first_rows_value=first, base=base)[0] - tr.low
-    return SeverResult(effect=eff, unsevered=unsev, low_score=tr.low, high_score=tr.high, frozen=frozen,
-                       subject_range=span, answer=tr.answer, reference_noise=reference_noise)
-
-
-# ---------------------------------------------------------------------------------------------
-# module knockout
-
-@dataclass
-class KnockoutResult:
-    """Module knockout over windows of layers (METHODS.md section 2).
-
-    ``starts`` (n,) window starts; ``layers`` list of the layer ranges knocked out; ``probs`` (n,) the
-    clean answer's probability at the last position; ``clean_prob``; ``subject_topk`` (n, k) token ids
-    of the readout at the last subject token (final-normed hidden state projected on the INPUT
-    embedding matrix), ``clean_topk`` (k,); ``answer``. Objects rates are computed from the top-k lists
-    (``factrace.objects``)."""
-
-    kind: str
-    window: int
-    starts: np.ndarray
-    layers: list
-    probs: np.ndarray
-    clean_prob: float
-    subject_topk: np.ndarray
-    clean_topk: np.ndarray
-    answer: int
-    subject_range: tuple
-
-    def to_frame(self):
-        import pandas as pd
-
-        return pd.DataFrame({"kind": self.kind, "start": self.starts, "window": self.window,
-                             "prob": self.probs, "clean_prob": self.clean_prob,
-                             "relative_change": (self.probs - self.clean_prob) / self.clean_prob * 100})
-
-
-def final_norm(m: Model, x: np.ndarray) -> np.ndarray:
-    """The model's final norm applied to residual vectors x (..., d), each with its own scale
-    (:meth:`Model.final_norm`)."""
-    return m.final_norm(x)
-
-
-def knockout(m: Model, prompt, subject, kind: str = "mlp", window: int = 5, starts=None, exclude_last: bool = True,
-             topk: int = 500, target=None, add_special_tokens: bool = True) -> KnockoutResult:
-    """Zero the MLP (``kind="mlp"``) or attention (``kind="attn"``) output at all positions in windows of
-    ``window`` consecutive layers, one run per window start, all windows batched in one C call.
-
-    Defaults: ``window=5`` (the paper's text; the CAARM reference code blocks 6 layers: pass
-    ``window=6``); ``starts``: every start whose window fits, and with ``exclude_last=True`` (reference
-    behaviour) no window includes the last layer. Attention knockout zeroes the attention output (the
-    clean definition); the reference code's mask-filling variant is not offered (it makes attention
-    uniform over future tokens as well). ``topk`` tokens of the last-subject-token readout are kept
-    for the objects rate (default 500).
-
-    Example:
-        >>> k = factrace.knockout(m, "The Eiffel Tower is located in", "The Eiffel Tower", kind="attn")  # doctest: +SKIP
-        >>> k.probs.shape                                                                           # doctest: +SKIP
-    """
-    if kind not in ("mlp", "attn"):
-        raise ValueError("kind must be 'mlp' or 'attn'")
-    ids, offs, text = _ids_and_offsets(m, prompt, add_special_tokens)
-    b, e = _span(ids, offs, text, subject)
-    L = m.config.n_layers
-    if not 1 <= window <= L:
-        raise ValueError(f"window must be in [1, {L}]")
-    if starts is None:
-        last_start = L - window - (1 if exclude_last else 0)
-        starts = list(range(0, max(0, last_start) + 1)) if last_start >= 0 else []
-    starts = [int(s) for s in starts]
-    if not starts:
-        raise ValueError(f"no knockout window of {window} layers fits a {L}-layer model")
-    clean = m.run(ids, capture=["resid_final"], logits="last")
-    answer = int(np.argmax(clean.logits[0])) if target is None else int(target)
-    clean_prob = float(_softmax_prob(clean.logits, answer)[0])
-    ivs = [iv.zero(kind + "_out", layers=range(s, min(L, s + window)), seq=i) for i, s in enumerate(starts)]
-    rs = m.run([ids] * len(starts), capture=["resid_final"], interventions=ivs, logits="last")
-    probs = np.array([_softmax_prob(r.logits, answer)[0] for r in rs])
-    W_E = m.W("W_E")
-
-    def top(x):
-        sc = final_norm(m, x) @ W_E.T
-        k = min(topk, sc.shape[-1])
-        idx = np.argpartition(-sc, k - 1)[:k]
-        return idx[np.argsort(-sc[idx], kind="stable")]
-
-    sub = np.stack([top(r.resid_final[e - 1]) for r in rs])
-    return KnockoutResult(kind=kind, window=window, starts=np.array(starts), layers=[list(range(s, min(L, s + window)))
-                          for s in starts], probs=probs, clean_prob=clean_prob, subject_topk=sub,
-                          clean_topk=top(clean.resid_final[e - 1]), answer=answer, subject_range=(b, e))
-
-
-# ---------------------------------------------------------------------------------------------
-
-def gini(x) -> float:
-    """Gini coefficient of a per-layer effect vector (METHODS.md section 2):
-    a = (x - min) / (max - min + 1e-8), G = sum_i sum_j |a_i - a_j| / (2 n sum_i a_i).
-    Returns 0.0 for a constant vector (all a_i = 0).
-
-    Example:
-        >>> gini([0, 0, 0, 1])
-        0.75
-    """
-    x = np.asarray(x, dtype=np.float64).ravel()
-    if x.size == 0:
-        raise ValueError("gini of an empty vector")
-    a = (x - x.min()) / (x.max() - x.min() + 1e-8)
-    s = a.sum()
-    if s == 0:
-        return 0.0
-    return float(np.abs(a[:, None] - a[None, :]).sum() / (2 * len(a) * s))
-
-
-# ---------------------------------------------------------------------------------------------
-# dataset scale
-
-CATEGORIES = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
-              "further tokens", "last token")
-
-
-def _field(r, *names):
-    for n in names:
-        v = r.get(n) if isinstance(r, dict) else getattr(r, n, None)
-        if v is not None:
-            return v
-    return None
-
-
-def known_facts(m: Model, records, add_special_tokens: bool = True, batch: int = 32):
-    """Split ``records`` (dicts or dataset records with ``prompt``, ``subject`` and ``attribute`` /
-    ``object`` / ``target``) into those whose greedy next token equals the first token of
-    ``" " + attribute`` (exact first-token match, as in ROME and CAARM) and the rest.
-
-    Returns (known: list of (record, answer_id), rejected: list of (record, reason))."""
-    known, rejected, todo = [], [], []
-    for r in records:
-        prompt, subj = _field(r, "prompt"), _field(r, "subject")
-        obj = _field(r, "attribute", "object", "target")
-        if not prompt or not subj or obj is None:
-            rejected.append((r, "record lacks prompt, subject or attribute"))
-            continue
-        if subj not in prompt:
-            rejected.append((r, f"subject {subj!r} is not in the prompt"))
-            continue
-        target = obj if str(obj).startswith(" ") else " " + str(obj)
-        t_ids = m.encode(target, add_special_tokens=False)
-        if len(t_ids) == 0:
-            rejected.append((r, "attribute tokenizes to nothing"))
-            continue
-        todo.append((r, m.encode(prompt, add_special_tokens=add_special_tokens), int(t_ids[0])))
-    for i in range(0, len(todo), batch):
-        chunk = todo[i:i + batch]
-        rs = m.run([c[1] for c in chunk], logits="last")
-        for (r, _, want), res in zip(chunk, rs):
-            got = int(np.argmax(res.logits[0]))
-            if got == want:
-                known.append((r, want))
-            else:
-                rejected.append((r, f"model predicts {m.decode([got])!r}, not {m.decode([want])!r}"))
-    return known, rejected
-
-
-def _categories(T, b, e):
-    """{category: list of rows} of ROME's six token categories for a prompt of T tokens, subject [b, e)."""
-    cats = {CATEGORIES[0]: [b], CATEGORIES[1]: list(range(b + 1, e - 1)), CATEGORIES[2]: [e - 1],
-            CATEGORIES[3]: [e] if e < T else [], CATEGORIES[4]: list(range(e + 1, T - 1)), CATEGORIES[5]: [T - 1]}
-    return cats
-
-
-@dataclass
-class DatasetTrace:
-    """Traces of many facts. ``frame``: tidy rows (fact, kind, position, layer, category, score, effect,
-    low_score, high_score); ``facts``: one row per traced fact; ``rejected``: facts not traced and why;
-    ``interrupted``: True if stopped early (Ctrl-C) — the rows done are kept."""
-
-    frame: object
-    facts: object
-    rejected: list
-    kinds: tuple
-    interrupted: bool = False
-
-    def averages(self):
-        """ROME's averaged figure data: per kind, category and layer the mean score, AIE (mean score -
-        mean low_score over prompts), error band (1.96 std / sqrt(n)) and n. Pooled categories weight
-        prompts by token count."""
-        import pandas as pd
-
-        f = self.frame
-        rows = []
-        for kind in self.kinds:
-            fk = f[f.kind == kind]
-            low = self.facts.low_score.mean()
-            for (cat, layer), g in fk.groupby(["category", "layer"], sort=False):
-                n = len(g)
-                rows.append(dict(kind=kind, category=cat, layer=layer, n=n, score=g.score.mean(),
-                                 aie=g.score.mean() - low, band=1.96 * g.score.std(ddof=0) / np.sqrt(n)))
-        out = pd.DataFrame(rows)
-        if len(out):
-            out["category"] = pd.Categorical(out.category, CATEGORIES, ordered=True)
-            out = out.sort_values(["kind", "category", "layer"]).reset_index(drop=True)
-        return out
-
-    def ate(self) -> float:
-        """Average total effect: mean(high_score) - mean(low_score)."""
-        return float(self.facts.high_score.mean() - self.facts.low_score.mean())
-
-    def last_subject_effects(self):
-        """Per kind and layer: mean over facts of (score at the last subject token - low_score) with a
-        1.96 std / sqrt(n) band (the cross-architecture study's restoration effect per layer)."""
-        f = self.frame
-        g = f[f.category == CATEGORIES[2]].groupby(["kind", "layer"]).effect
-        out = g.agg(["mean", "std", "count"]).reset_index()
-        out["band"] = 1.96 * out["std"].fillna(0) / np.sqrt(out["count"])
-        return out.rename(columns={"mean": "effect", "count": "n"}).drop(columns="std")
-
-    def plot(self, kind="hidden"):
-        """ROME's averaged line plot: AIE per layer for each of the six categories, with error bands."""
-        import matplotlib.pyplot as plt
-
-        av = self.averages()
-        av = av[av.kind == kind]
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-        for cat in CATEGORIES:
-            g = av[av.category == cat]
-            if len(g):
-                ax.plot(g.layer, g.aie, label=cat)
-                ax.fill_between(g.layer, g.aie - g.band, g.aie + g.band, alpha=0.15)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("average indirect effect")
-        ax.set_title(f"{kind}: ATE {self.ate():.3f} over {len(self.facts)} facts", fontsize=9)
-        ax.legend(fontsize=7)
-        plt.close(fig)
-        return fig
-
-
-def _progress(it, total, enabled, desc):
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(it, total=total, desc=desc)
-    except ImportError:
-        import sys
-
-        def gen():
-            for i, x in enumerate(it):
-                print(f"\r{desc}: {i}/{total}", end="", file=sys.stderr, flush=True)
-                yield x
-            print(f"\r{desc}: {total}/{total}", file=sys.stderr)
-
-        return gen()
-
-
-def _trace_rows(m, fid, rec, answer, kinds, window, samples, noise, seed, add_special_tokens):
-    prompt, subj = _field(rec, "prompt"), _field(rec, "subject")
-    res = trace_all(m, prompt, subj, kinds=kinds, window=window, samples=samples, noise=noise, seed=seed,
-                    target=answer, add_special_tokens=add_special_tokens)
-    rows = []
-    first = next(iter(res.values()))
-    T = len(first.tokens)
-    b, e = first.subject_range
-    cats = _categories(T, b, e)
-    for kind, r in res.items():
-        for cat, positions in cats.items():
-            for t in positions:
-                for l in range(r.scores.shape[1]):
-                    rows.append((fid, kind, t, l, cat, r.scores[t, l], r.scores[t, l] - r.low_score))
-    fact = dict(fact=fid, prompt=prompt, subject=subj, answer=first.answer_str, n_tokens=T, b=b, e=e,
-                low_score=first.low_score, high_score=first.high_score)
-    return rows, fact
-
-
-_WORKER_MODELS: dict = {}
-
-
-def _worker_chunk(source, items, kw):
-    """Dask task: load the model once per worker process, trace a share of the facts."""
-    from .loader import load
-
-    if source not in _WORKER_MODELS:
-        _WORKER_MODELS[source] = load(source)
-    m = _WORKER_MODELS[source]
-    out = []
-    for fid, rec, answer in items:
-        out.append(_trace_rows(m, fid, rec, answer, **kw))
-    return out
-
-
-def trace_dataset(m: Model, records, kinds=KINDS, window: int = 10, samples: int = 10, noise="s3", seed: int = 1,
-                  n: int | None = None, known_only: bool = True, add_special_tokens: bool = True,
-                  progress: bool = True, client=None, chunk: int = 4) -> DatasetTrace:
-    """Trace many facts: keep those the model gets right, trace each kind, and tabulate.
-
-    Args:
-        records: dicts or dataset records with ``prompt``, ``subject`` and ``attribute`` (or ``object``).
-        kinds: subset of ("hidden", "mlp", "attn"); window, samples, seed: as :func:`trace`.
-        noise: number or ``"s<k>"``; for ``"s<k>"`` the std is measured over ALL given records' subjects
-            (ROME's notebook uses the known_1000 subjects).
-        n: trace at most the first ``n`` known facts (the study uses 100).
-        known_only: filter by exact first-token match (default True).
-        progress: show a progress bar (tqdm if installed).
-        client: a ``dask.distributed.Client`` (or anything with ``submit``/``gather``): facts are shared
-            among its workers, each of which loads the model (from ``m.source``) once; results equal the
-            local run's.
-
-    Ctrl-C stops the run and returns what is done (``interrupted=True``).
-
-    Example:
-        >>> from factrace.datasets import load_dataset                                # doctest: +SKIP
-        >>> dt = factrace.trace_dataset(m, load_dataset("known_1000"), n=100)        # doctest: +SKIP
-        >>> dt.averages().head(); dt.ate()                                           # doctest: +SKIP
-    """
-    import pandas as pd
-
-    records = list(records)
-    if known_only:
-        known, rejected = known_facts(m, records, add_special_tokens=add_special_tokens)
-    else:
-        known, rejected = [(r, None) for r in records], []
-    if n is not None:
-        known = known[:n]
-    level = _noise_value(m, noise, [_field(r, "subject") for r in records if _field(r, "subject")])
-    kw = dict(kinds=tuple(kinds), window=window, samples=samples, noise=level, seed=seed,
-              add_special_tokens=add_special_tokens)
-    rows, facts, interrupted = [], [], False
-    items = [(i, r, a) for i, (r, a) in enumerate(known)]
-    try:
-        if client is not None:
-            if not m.source:
-                raise ValueError("a Dask run needs a model loaded from a path or name (m.source)")
-            futs = [client.submit(_worker_chunk, m.source, items[i:i + chunk], kw, pure=False)
-                    for i in range(0, len(items), chunk)]
-            for part in _progress(client.gather(futs), len(futs), progress, "trace (dask)"):
-                for r, f in part:
-                    rows += r
-                    facts.append(f)
-        else:
-            for fid, rec, answer in _progress(items, len(items), progress, "trace"):
-                try:
-                    r, f = _trace_rows(m, fid, rec, answer, **kw)
-                except ValueError as e:  # a subject that covers no token, etc.
-                    rejected.append((rec, str(e)))
-                    continue
-                rows += r
-                facts.append(f)
-    except KeyboardInterrupt:
-        interrupted = True
-    frame = pd.DataFrame(rows, columns=["fact", "kind", "position", "layer", "category", "score", "effect"])
-    facts_df = pd.DataFrame(facts, columns=["fact", "prompt", "subject", "answer", "n_tokens", "b", "e", "low_score",
-                                            "high_score"])
-    return DatasetTrace(frame=frame, facts=facts_df, rejected=rejected, kinds=tuple(kinds), interrupted=interrupted)

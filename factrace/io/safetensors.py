@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import CheckpointError
+
 MAX_HEADER = 100 * 1024 * 1024
 DTYPES = {  # name -> (numpy dtype, itemsize)
     "F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<u2", 2), "BF16": ("<u2", 2),
@@ -25,8 +27,6 @@ DTYPES = {  # name -> (numpy dtype, itemsize)
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, unreadable or malformed; the message names the file."""
 
 
 def _no_dupes(pairs):
@@ -161,7 +161,7 @@ class SafetensorsFile:
 
     def tensor(self, name: str) -> np.ndarray:
         """The tensor as a new C-contiguous float32 array (F32, F16 and BF16 are converted exactly)."""
-        from . import _core
+        from .. import _core
 
         dt = self.tensors[name][0]
         if dt not in FLOAT_DTYPES:

@@ -26,7 +26,7 @@ Any object with an ``encode(list[str]) -> array (n, d)`` method, a callable with
 
 Example::
 
-    >>> from factrace.objects import candidates_from_tokens, objects_rate
+    >>> from factrace.study.objects import candidates_from_tokens, objects_rate
     >>> cands = candidates_from_tokens([" Paris", " the", " France", "ab", " 1889", " Eiffel"])
     >>> cands
     ['Paris', 'France', 'Eiffel']

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import TokenizerError
 
-class TokenizerError(ValueError):
-    """A tokenizer file that cannot be used; the message names the file."""
+
 
 
 class Tokenizer:

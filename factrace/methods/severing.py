@@ -1,0 +1,109 @@
+"""Severing (ROME's "frozen MLP / attention" figure, METHODS.md section 1): the hidden state at the last
+subject token restored while the MLP or attention outputs there are held at their corrupted values.
+Runs on the tracing engine's clean and corrupted runs (``tracing._Tracer``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import interventions as iv
+from ..model import Model
+from ._common import _ids_and_offsets, _softmax_prob, _span
+from .tracing import _noise_value, _Tracer
+
+
+@dataclass
+class SeverResult:
+    """Severing at the last subject token: ``effect`` (L,) = score - low_score when the hidden state at
+    (e-1, l) is restored while ``frozen`` ("mlp" or "attn") outputs at e-1 in every layer are held at
+    their corrupted values; ``unsevered`` (L,) the same without freezing (the hidden trace's row)."""
+
+    effect: np.ndarray
+    unsevered: np.ndarray
+    low_score: float
+    high_score: float
+    frozen: str
+    subject_range: tuple
+    answer: int
+    reference_noise: bool
+
+    def to_frame(self):
+        import pandas as pd
+
+        L = len(self.effect)
+        return pd.DataFrame({"layer": np.arange(L), "frozen": self.frozen, "effect": self.effect,
+                             "unsevered_effect": self.unsevered})
+
+
+def sever(m: Model, prompt, subject, frozen: str = "mlp", samples: int = 10, noise="s3", seed: int = 1,
+          target=None, reference_noise: bool = False, engine: str = "fast", add_special_tokens: bool = True,
+          noise_subjects=None) -> SeverResult:
+    """Severing (ROME's "frozen MLP / attention" figure) at the last subject token e-1.
+
+    For each layer l the hidden state at (e-1, l) is restored to its clean value while the ``frozen``
+    sub-layer outputs at position e-1 in ALL layers are held at their values in the corrupted run with
+    nothing restored. Returns per-layer ``score - low_score``.
+
+    ``reference_noise=False`` (default, the clean definition): the frozen values come from the same
+    noise draw as the run they are put into. ``reference_noise=True`` reproduces ROME's code, whose
+    random generator is created once per call, so the run uses the generator's second draw while the
+    frozen values (and low_score) come from the first.
+
+    Example:
+        >>> s = factrace.sever(m, "The Eiffel Tower is located in", "The Eiffel Tower", frozen="mlp")  # doctest: +SKIP
+        >>> s.effect.shape                                                                         # doctest: +SKIP
+        (30,)
+    """
+    if frozen not in ("mlp", "attn"):
+        raise ValueError("frozen must be 'mlp' or 'attn'")
+    ids, offs, text = _ids_and_offsets(m, prompt, add_special_tokens)
+    span = _span(ids, offs, text, subject)
+    level = _noise_value(m, noise, noise_subjects)
+    tr = _Tracer(m, ids, span, samples, level, seed, target, reference_noise_draws=2 if reference_noise else 1)
+    base = 1 if reference_noise else 0
+    e1, T, L, S = tr.e - 1, tr.T, tr.L, tr.S
+    site = iv.SITES[frozen + "_out"]
+    fro = tr.corrupt[0][frozen + "_out"]  # (L, S*T, d), noise draw A
+    eff = np.zeros(L)
+    unsev = np.zeros(L)
+    if engine == "naive":
+        noised = tr.corrupt[base]["noised"].reshape(S, tr.e - tr.b, tr.d)
+        for l in range(L):
+            for k, freeze in ((0, True), (1, False)):
+                ivs = [iv.set_values("embed", noised[s], positions=range(tr.b, tr.e), seq=s) for s in range(S)]
+                ivs.append(iv.set_values("resid_post", tr.clean_post[l, e1], layers=l, positions=e1))
+                if freeze:
+                    ivs += [iv.set_values(frozen + "_out", fro[:, s * T + e1][:, None], positions=e1, seq=s)
+                            for s in range(S)]
+                rs = m.run([tr.ids] * S, interventions=ivs, logits="last")
+                p = np.mean([_softmax_prob(r.logits, tr.answer)[0] for r in rs])
+                (eff if freeze else unsev)[l] = p - tr.low
+    else:
+        for l in range(L):
+            first = tr.clean_post[l, e1][None]
+            if l == L - 1:  # the last block's output at e-1 reaches the answer only if e-1 is the last position
+                p = tr.high if e1 == T - 1 else float(tr.corrupt[base]["probs"].mean())
+                unsev[l] = p - tr.low
+                if not reference_noise:
+                    eff[l] = unsev[l]
+                    continue
+            if reference_noise:
+                # the frozen values (draw A) differ from the run's own (draw B) in every layer, so the
+                # run starts at layer 0 (positions >= e-1) with the hidden restoration as a patch
+                hid = iv.SITES["resid_post"]
+                eff[l] = tr._restore(0, [e1], base=base, patches=lambda ti, s: [
+                    (site, j, fro[j, s * T + e1]) for j in range(L)] + [(hid, l, tr.clean_post[l, e1])])[0] - tr.low
+            else:  # frozen values equal the run's own up to layer l: start after it; the severed and
+                # the unsevered run in one call (position e-1 twice, the frozen values on the first)
+                both = tr._restore(l + 1, [e1, e1], first_rows_value=np.concatenate([first, first]), base=base,
+                                   patches=lambda ti, s: [(site, j, fro[j, s * T + e1]) for j in range(l + 1, L)]
+                                   if ti == 0 else [])
+                eff[l], unsev[l] = both[0] - tr.low, both[1] - tr.low
+                continue
+            if l < L - 1:
+                unsev[l] = tr._restore(l + 1, [e1], first_rows_value=first, base=base)[0] - tr.low
+    return SeverResult(effect=eff, unsevered=unsev, low_score=tr.low, high_score=tr.high, frozen=frozen,
+                       subject_range=span, answer=tr.answer, reference_noise=reference_noise)
+
