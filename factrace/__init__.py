@@ -19,7 +19,7 @@ from ._blas import preload as _preload
 _preload()
 
 from . import _core  # noqa: E402
-from .errors import (CheckpointError, ConfigError, FactraceError, GGUFError, InputError,  # noqa: E402
+from .errors import (CheckpointError, ConfigError, FactraceError, GGUFError, HubError, InputError,  # noqa: E402
                      ModelNotFoundError, ModelNotInstalledError, ModelTooLargeError)
 from .interventions import Intervention, add, block_attention, freeze, set_values, zero  # noqa: E402
 from .io.config import SUPPORTED_ARCHS, ModelConfig  # noqa: E402
@@ -48,7 +48,7 @@ _LAZY_MODULES = {"datasets": "study.datasets", "objects": "study.objects", "repo
                  "packaged": "io.packaged", "methods": "methods", "study": "study", "cli": "cli"}
 
 __all__ = ["load", "Model", "RunResult", "ModelConfig", "SUPPORTED_ARCHS", "FactraceError", "ConfigError",
-           "CheckpointError", "GGUFError", "InputError", "ModelNotFoundError", "ModelNotInstalledError",
+           "CheckpointError", "GGUFError", "HubError", "InputError", "ModelNotFoundError", "ModelNotInstalledError",
            "ModelTooLargeError", "Intervention", "add", "set_values", "freeze", "zero", "block_attention",
            "set_num_threads", "BLAS"] + sorted(_LAZY)
 

@@ -33,6 +33,12 @@ class ModelTooLargeError(CheckpointError, MemoryError):
     converted). Both a :class:`CheckpointError` and a :class:`MemoryError`."""
 
 
+class HubError(CheckpointError):
+    """A Hugging Face repo could not be resolved or downloaded: repository not found (or private without a
+    token), gated without a valid token, endpoint unreachable, revision or file not found, offline and not
+    cached, or no weights factrace can read. A :class:`CheckpointError`, so existing handlers catch it."""
+
+
 class GGUFError(FactraceError, ValueError):
     """A malformed or unsupported GGUF file, or an unsupported tensor type."""
 
@@ -77,5 +83,5 @@ class MissingDependencyError(FactraceError, ImportError):
 
 
 __all__ = ["FactraceError", "ConfigError", "CheckpointError", "ModelTooLargeError", "GGUFError", "TokenizerError",
-           "InputError", "ModelNotInstalledError", "ModelNotFoundError", "DatasetDownloadError", "ChecksumError",
+           "InputError", "HubError", "ModelNotInstalledError", "ModelNotFoundError", "DatasetDownloadError", "ChecksumError",
            "SubjectNotInPromptError", "MissingDependencyError"]

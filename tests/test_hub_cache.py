@@ -1,4 +1,8 @@
-"""factrace.load("org/name") finds a repo in a (fake) local Hugging Face hub cache and never downloads."""
+"""factrace.load("org/name") finds a repo in a (fake) local Hugging Face hub cache offline (HF_HUB_OFFLINE=1).
+
+Since factrace downloads from the Hub (tests/test_hub_download.py), these cache-only cases run offline: online,
+a repo id is first checked against the Hub (as transformers does), and these tests must not reach it.
+"""
 import hashlib
 import os
 import shutil
@@ -7,6 +11,7 @@ import numpy as np
 import pytest
 
 import factrace
+from factrace import HubError
 from factrace.io.load import hf_cache_dir, resolve_repo_id
 
 from conftest import FIXTURES, expected
@@ -45,6 +50,7 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return hub
 
 
@@ -103,22 +109,25 @@ def test_dotted_and_dashed_repo_ids(hub):
     assert factrace.load("Some-Org/model.v1_2-x").config.arch == "MistralForCausalLM"
 
 
-def test_missing_repo_never_downloads(hub):
+def test_missing_repo_offline(hub):
+    # was FileNotFoundError "factrace never downloads": offline, an uncached repo is now a HubError (a
+    # CheckpointError, like every other Hub failure) saying it is offline and how to fetch
     make_repo(hub, "org/name")
-    with pytest.raises(FileNotFoundError) as ei:
+    with pytest.raises(HubError) as ei:
         factrace.load("org/other-model")
     msg = str(ei.value)
     assert "org/other-model" in msg
     assert "not in the Hugging Face cache" in msg
     assert str(hub) in msg
-    assert "never downloads" in msg
+    assert "offline" in msg and "hf download org/other-model" in msg
 
 
 def test_missing_repo_empty_cache(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "does_not_exist"))
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubError, match="offline"):
         factrace.load("openai-community/gpt2")
 
 
@@ -126,7 +135,7 @@ def test_repo_without_snapshots(hub):
     repo = hub / "models--org--name"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(COMMIT)
-    with pytest.raises(FileNotFoundError) as ei:
+    with pytest.raises(HubError) as ei:  # was FileNotFoundError (see test_missing_repo_offline)
         factrace.load("org/name")
     msg = str(ei.value)
     assert "org/name" in msg and ("no snapshot" in msg or "not in the cache" in msg)

@@ -5,7 +5,6 @@ config and the tensors through the architecture table (``archs.py``, ``weights.p
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -93,59 +92,55 @@ def load_gguf(path, name: str | None = None):
 
 def hf_cache_dir() -> Path:
     """The Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return Path(os.environ["HUGGINGFACE_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                                                    "huggingface")
-    return Path(home) / "hub"
+    from .hub import hub_cache_dir
+
+    return hub_cache_dir()
 
 
-def resolve_repo_id(repo_id: str, revision: str = "main") -> Path:
-    """The snapshot directory of a repo already in the local Hugging Face cache (no network).
+def resolve_repo_id(repo_id: str, revision: str | None = None) -> Path:
+    """The snapshot directory of a repo already in the local Hugging Face cache (no network); HubError when it
+    is not cached (:func:`factrace.io.hub.cached_snapshot`).
 
     Example:
         >>> resolve_repo_id("openai-community/gpt2")   # doctest: +SKIP
         PosixPath('/root/.cache/huggingface/hub/models--openai-community--gpt2/snapshots/607a30d...')
     """
-    cache = hf_cache_dir()
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    if not repo.is_dir():
-        raise ModelNotFoundError(
-            f"{repo_id!r} is not a local directory and not in the Hugging Face cache at {cache} "
-            f"(factrace never downloads weights: fetch them first, e.g. `huggingface-cli download {repo_id}`)")
-    snap = None
-    ref = repo / "refs" / revision
-    if ref.is_file():
-        commit = ref.read_text().strip()
-        if re.fullmatch(r"[0-9a-f]{40}", commit):
-            snap = repo / "snapshots" / commit
-    elif re.fullmatch(r"[0-9a-f]{40}", revision):
-        snap = repo / "snapshots" / revision
-    if snap is not None and not snap.is_dir():
-        raise ModelNotFoundError(f"{repo}: revision {revision!r} points to snapshot {snap.name}, which is not in "
-                                f"the cache (factrace never downloads: `huggingface-cli download {repo_id}`)")
-    if snap is None:
-        snaps = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime) if (repo / "snapshots").is_dir() else []
-        if not snaps:
-            raise ModelNotFoundError(f"{repo}: no snapshot in the Hugging Face cache for {repo_id!r}")
-        snap = snaps[-1]
-    return snap
+    from .hub import cached_snapshot
+
+    return cached_snapshot(repo_id, revision)
 
 
-def load(source, name: str | None = None):
+REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def load(source, name: str | None = None, *, revision: str | None = None, local_files_only: bool | None = None,
+         gguf_file: str | None = None, token: str | bool | None = None):
     """Load a model for analysis.
 
     ``source`` may be:
       * a Hugging Face model directory (config.json, model.safetensors or sharded
         model-0000x-of-0000y.safetensors with model.safetensors.index.json, tokenizer.json);
       * a ``.gguf`` file (quantized or not);
-      * a Hugging Face repo id already in the local cache (``HF_HOME`` / ``HF_HUB_CACHE``; no network);
+      * a Hugging Face repo id ``"org/name"``: downloaded from the Hub (``HF_ENDPOINT``) into the standard
+        cache (``HF_HUB_CACHE`` / ``HF_HOME``) as transformers does, but only config.json, the tokenizer
+        files and the safetensors weights (or, with ``gguf_file``, that one file); the architecture is
+        checked before any weight is downloaded. Offline (``HF_HUB_OFFLINE=1``) only the cache is used;
       * a short name of a model that an installed package ships: ``"smollm2"``, ``"gemma3-270m"``, ...
 
-    Returns a :class:`factrace.Model`. Supported architectures: GPT-2, Llama (1/2/3, rope scaling
-    linear and llama3), Qwen2/2.5 (DeepSeek-R1-Distill-Qwen), Qwen3, Mistral, Gemma 3.
+    Keyword arguments, for Hub repo ids only (ValueError for a local path or a short name):
+      * ``revision``: branch, tag or commit hash; default ``"main"``;
+      * ``local_files_only``: use only the cache; default None: True when ``HF_HUB_OFFLINE`` is set;
+      * ``gguf_file``: load this ``.gguf`` file of the repo (only it is downloaded) instead of safetensors;
+      * ``token``: Hub token for private or gated repos; default ``$HF_TOKEN``, else the saved login.
+
+    Returns a :class:`factrace.Model`. Supported architectures: those of the architecture table
+    (``factrace.SUPPORTED_ARCHS``): GPT-2, Llama (1/2/3, rope scaling linear and llama3), Qwen2/2.5
+    (DeepSeek-R1-Distill-Qwen), Qwen3, Mistral, Gemma 3.
+
+    Raises :class:`factrace.HubError` (a :class:`CheckpointError`) when a repo cannot be found, reached or
+    downloaded (not found or private, gated, no network, revision or file missing, offline and not cached),
+    :class:`ConfigError` for an unsupported architecture (before any weight is downloaded), and
+    :class:`factrace.ModelNotFoundError` for a name that is neither a path, a repo id nor a short name.
 
     Example:
         >>> import factrace
@@ -153,9 +148,13 @@ def load(source, name: str | None = None):
         >>> r = m.run(m.encode("The Eiffel Tower is located in the city of"))  # doctest: +SKIP
         >>> m.decode([int(r.logits[-1].argmax())])                           # doctest: +SKIP
         ' Paris'
+        >>> m = factrace.load("HuggingFaceTB/SmolLM2-135M", revision="main")   # doctest: +SKIP
     """
     s = str(source)
     p = Path(s).expanduser()
+    hub_opts = [k for k, v in (("revision", revision), ("gguf_file", gguf_file), ("token", token)) if v is not None]
+    if hub_opts and (p.exists() or not REPO_ID.fullmatch(s)):
+        raise ValueError(f"{s!r} is not a Hugging Face repo id: {', '.join(hub_opts)} apply to repo ids only")
     if p.is_dir():
         return load_hf_dir(p, name)
     if p.suffix == ".gguf" or (p.is_file() and _is_gguf(p)):
@@ -166,11 +165,15 @@ def load(source, name: str | None = None):
 
     if s in packaged.KNOWN or s in getattr(packaged, "ALIASES", {}):
         return load(packaged.resolve(s), name or s)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", s):
-        return load_hf_dir(resolve_repo_id(s), name or s)
+    if REPO_ID.fullmatch(s):
+        from .hub import resolve_hub
+
+        local = resolve_hub(s, revision=revision, local_files_only=local_files_only, gguf_file=gguf_file, token=token,
+                            check_config=lambda raw, where: from_hf_config(raw, where=where))
+        return load(local, name or s)
     known = ", ".join(sorted(getattr(packaged, "KNOWN", {})))
-    raise ModelNotFoundError(f"{s!r}: no such file or directory, not a cached Hugging Face repo id, and not a "
-                            f"known short name ({known})")
+    raise ModelNotFoundError(f"{s!r}: no such file or directory, not a Hugging Face repo id ('org/name'), and not a "
+                             f"known short name ({known})")
 
 
 def _is_gguf(p: Path) -> bool:
