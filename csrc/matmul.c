@@ -1,13 +1,15 @@
 /* matmul.c - products with weights as stored (F32, F16, BF16, GGML blocks); see matmul.h.
  *
  * Layout of this file:
- *   1. block decoders: a GGML block -> small integers q and float32 scales, exact as quant.c
- *   2. SIMD variants (AVX-512, AVX2) and the portable baseline of three operations:
+ *   1. common helpers
+ *   2. the portable baseline of three operations:
  *        dequant   one row, columns k0..k1-1 -> float32 (bit-identical to quant_dequantize)
  *        dot_tile  out (N, nr) = x (N, K) @ w (nr, K)^T (+ bias)        (nr <= 4 rows of W)
  *        axpy_tile out (N, K) += g (N, nr) @ w (nr, K)                   (for mat_mul_t)
- *   3. dispatch (resolved once from the CPU; FACTRACE_ISA / mat_set_isa override)
- *   4. drivers: few rows (the tiles above, threads claim chunks of output features) and many rows
+ *   3. x86: GGML block decoders (block -> small integers + float32 scales), then the AVX-512 and the
+ *      AVX2 variants of the three operations
+ *   4. dispatch (resolved once from the CPU; FACTRACE_ISA / mat_set_isa override)
+ *   5. drivers: few rows (the tiles above, threads claim chunks of output features) and many rows
  *      (panels of weight rows unpacked to float32 and multiplied by single-threaded cblas_sgemm)
  *
  * Exactness: dequantization is the same float32 operations as quant.c in the same order (d*sc rounded
@@ -55,7 +57,7 @@ int mat_row_bytes(int type, int64_t n_in, int64_t *row_bytes) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* 1. block decoders                                                                           */
+/* 1. common                                                                                    */
 
 static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 static inline uint32_t rd32(const uint8_t *p) {
@@ -82,180 +84,8 @@ INLINE float half_to_float(uint16_t h) {
     return f;
 }
 
-/* Each decoder turns one block x into its integers q (block_size of them, each fits int8), the float32
- * scale dl and offset ml of every group of 16 values, and returns how they combine (DQ_*). */
-
-/* Q4_0 (18 B): d | qs[16]; q = nibble - 8 (low nibbles first), y = d * q */
-INLINE int decode_q4_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    const uint8_t *qs = x + 2;
-    for (int l = 0; l < 16; l++) {
-        q[l] = (int8_t)((qs[l] & 15) - 8);
-        q[l + 16] = (int8_t)((qs[l] >> 4) - 8);
-    }
-    dl[0] = dl[1] = half_to_float(rd16(x));
-    return DQ_MUL;
-}
-
-/* Q4_1 (20 B): d | m | qs[16]; y = (d * q) + m */
-INLINE int decode_q4_1(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    const uint8_t *qs = x + 4;
-    for (int l = 0; l < 16; l++) {
-        q[l] = (int8_t)(qs[l] & 15);
-        q[l + 16] = (int8_t)(qs[l] >> 4);
-    }
-    dl[0] = dl[1] = half_to_float(rd16(x));
-    ml[0] = ml[1] = half_to_float(rd16(x + 2));
-    return DQ_ADD;
-}
-
-/* Q5_0 (22 B): d | qh u32 (bit i: high bit of value i) | qs[16]; y = d * (q - 16) */
-INLINE int decode_q5_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    uint32_t qh = rd32(x + 2);
-    const uint8_t *qs = x + 6;
-    for (int l = 0; l < 16; l++) {
-        q[l] = (int8_t)(((qs[l] & 15) | (((qh >> l) & 1) << 4)) - 16);
-        q[l + 16] = (int8_t)(((qs[l] >> 4) | (((qh >> (l + 16)) & 1) << 4)) - 16);
-    }
-    dl[0] = dl[1] = half_to_float(rd16(x));
-    return DQ_MUL;
-}
-
-/* Q5_1 (24 B): d | m | qh u32 | qs[16]; y = (d * q) + m */
-INLINE int decode_q5_1(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    uint32_t qh = rd32(x + 4);
-    const uint8_t *qs = x + 8;
-    for (int l = 0; l < 16; l++) {
-        q[l] = (int8_t)((qs[l] & 15) | (((qh >> l) & 1) << 4));
-        q[l + 16] = (int8_t)((qs[l] >> 4) | (((qh >> (l + 16)) & 1) << 4));
-    }
-    dl[0] = dl[1] = half_to_float(rd16(x));
-    ml[0] = ml[1] = half_to_float(rd16(x + 2));
-    return DQ_ADD;
-}
-
-/* Q8_0 (34 B): d | qs int8[32]; y = q * d */
-INLINE int decode_q8_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    memcpy(q, x + 2, 32);
-    dl[0] = dl[1] = half_to_float(rd16(x));
-    return DQ_MUL;
-}
-
-/* Q2_K (84 B): scales[16] (lo 4 bits scale, hi 4 bits min) | qs[64] | d | dmin.
- * Value j*128 + s*32 + l: q = (qs[j*32+l] >> 2s) & 3; group g = value/16: y = (d*sc_g) * q - (dmin*m_g) */
-INLINE int decode_q2_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    const uint8_t *sc = x, *qs = x + 16;
-    float d = half_to_float(rd16(x + 80)), dmin = half_to_float(rd16(x + 82));
-    for (int g = 0; g < 16; g++) {
-        dl[g] = d * (float)(sc[g] & 15);
-        ml[g] = dmin * (float)(sc[g] >> 4);
-    }
-    for (int j = 0; j < 2; j++)
-        for (int s = 0; s < 4; s++)
-            for (int l = 0; l < 32; l++) q[j * 128 + s * 32 + l] = (int8_t)((qs[j * 32 + l] >> (2 * s)) & 3);
-    return DQ_SUB;
-}
-
-/* Q3_K (110 B): hmask[32] | qs[64] | scales[12] (16 x 6 bits) | d.
- * Value j*128 + s*32 + l: q = ((qs[j*32+l] >> 2s) & 3) - (hmask bit j*4+s of byte l ? 0 : 4),
- * y = (d * (sc_g - 32)) * q */
-INLINE int decode_q3_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    const uint8_t *hm = x, *qs = x + 32, *sc = x + 96;
-    float d = half_to_float(rd16(x + 108));
-    for (int i = 0; i < 16; i++) {
-        int lo = (sc[i % 8] >> (4 * (i / 8))) & 15;
-        int hi = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
-        dl[i] = d * (float)((lo | (hi << 4)) - 32);
-    }
-    for (int j = 0; j < 2; j++)
-        for (int s = 0; s < 4; s++)
-            for (int l = 0; l < 32; l++) {
-                int low = (qs[j * 32 + l] >> (2 * s)) & 3, hb = (hm[l] >> (j * 4 + s)) & 1;
-                q[j * 128 + s * 32 + l] = (int8_t)(low - ((hb ^ 1) << 2));
-            }
-    return DQ_MUL;
-}
-
-/* 8 x 6-bit scales and mins of Q4_K / Q5_K from 12 packed bytes */
-INLINE void scale_min_k4(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
-    for (int k = 0; k < 4; k++) {
-        sc[k] = s[k] & 63;
-        mn[k] = s[4 + k] & 63;
-        sc[4 + k] = (uint8_t)((s[8 + k] & 15) | ((s[k] >> 2) & 0x30));
-        mn[4 + k] = (uint8_t)((s[8 + k] >> 4) | ((s[4 + k] >> 2) & 0x30));
-    }
-}
-
-/* Q4_K (144 B): d | dmin | scales[12] | qs[128]. Value g*32 + l: q = (qs[(g/2)*32+l] >> 4(g%2)) & 15,
- * y = (d*sc_g) * q - (dmin*m_g) */
-INLINE int decode_q4_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    float d = half_to_float(rd16(x)), dmin = half_to_float(rd16(x + 2));
-    uint8_t sc[8], mn[8];
-    scale_min_k4(x + 4, sc, mn);
-    const uint8_t *qs = x + 16;
-    for (int g = 0; g < 8; g++) {
-        dl[2 * g] = dl[2 * g + 1] = d * (float)sc[g];
-        ml[2 * g] = ml[2 * g + 1] = dmin * (float)mn[g];
-    }
-    for (int j = 0; j < 4; j++)
-        for (int l = 0; l < 32; l++) {
-            q[j * 64 + l] = (int8_t)(qs[j * 32 + l] & 15);
-            q[j * 64 + 32 + l] = (int8_t)(qs[j * 32 + l] >> 4);
-        }
-    return DQ_SUB;
-}
-
-/* Q5_K (176 B): d | dmin | scales[12] | qh[32] | qs[128]; as Q4_K with q |= ((qh[l] >> g) & 1) << 4 */
-INLINE int decode_q5_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    float d = half_to_float(rd16(x)), dmin = half_to_float(rd16(x + 2));
-    uint8_t sc[8], mn[8];
-    scale_min_k4(x + 4, sc, mn);
-    const uint8_t *qh = x + 16, *qs = x + 48;
-    for (int g = 0; g < 8; g++) {
-        dl[2 * g] = dl[2 * g + 1] = d * (float)sc[g];
-        ml[2 * g] = ml[2 * g + 1] = dmin * (float)mn[g];
-    }
-    for (int j = 0; j < 4; j++)
-        for (int l = 0; l < 32; l++) {
-            q[j * 64 + l] = (int8_t)((qs[j * 32 + l] & 15) | (((qh[l] >> (2 * j)) & 1) << 4));
-            q[j * 64 + 32 + l] = (int8_t)((qs[j * 32 + l] >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4));
-        }
-    return DQ_SUB;
-}
-
-/* Q6_K (210 B): ql[128] | qh[64] | scales int8[16] | d. Value j*128 + t*32 + l:
- * q = ((ql[j*64 + (t%2)*32 + l] >> 4(t/2)) & 15 | ((qh[j*32+l] >> 2t) & 3) << 4) - 32, y = (d*sc_g) * q */
-INLINE int decode_q6_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    const uint8_t *ql = x, *qh = x + 128;
-    const int8_t *sc = (const int8_t *)(x + 192);
-    float d = half_to_float(rd16(x + 208));
-    for (int i = 0; i < 16; i++) dl[i] = d * (float)sc[i];
-    for (int j = 0; j < 2; j++)
-        for (int t = 0; t < 4; t++)
-            for (int l = 0; l < 32; l++) {
-                int low = (ql[j * 64 + (t % 2) * 32 + l] >> (4 * (t / 2))) & 15;
-                int high = (qh[j * 32 + l] >> (2 * t)) & 3;
-                q[j * 128 + t * 32 + l] = (int8_t)((low | (high << 4)) - 32);
-            }
-    return DQ_MUL;
-}
-
-INLINE int decode_block(int type, const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    switch (type) {
-    case 2: return decode_q4_0(x, q, dl, ml);
-    case 3: return decode_q4_1(x, q, dl, ml);
-    case 6: return decode_q5_0(x, q, dl, ml);
-    case 7: return decode_q5_1(x, q, dl, ml);
-    case 8: return decode_q8_0(x, q, dl, ml);
-    case 10: return decode_q2_k(x, q, dl, ml);
-    case 11: return decode_q3_k(x, q, dl, ml);
-    case 12: return decode_q4_k(x, q, dl, ml);
-    case 13: return decode_q5_k(x, q, dl, ml);
-    default: return decode_q6_k(x, q, dl, ml);
-    }
-}
-
 /* ------------------------------------------------------------------------------------------ */
-/* 2a. portable baseline                                                                       */
+/* 2. portable baseline (dequantization: quant.c itself)                                      */
 
 /* one row, values k0..k1-1 (multiples of the block size) -> y (k1-k0) */
 static void dequant_base(int type, const uint8_t *row, int64_t k0, int64_t k1, float *y) {
@@ -293,10 +123,214 @@ static void axpy_tile_base(const float *const *w, int nr, const float *g, int64_
 }
 
 #ifdef MATMUL_X86
-/* ------------------------------------------------------------------------------------------ */
-/* 2b. AVX-512 (F, BW, VL, DQ) + FMA + F16C                                                    */
-
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define T256 __attribute__((target("avx2,fma,f16c")))
+
+/* ------------------------------------------------------------------------------------------ */
+/* 3. x86: block decoders (AVX2 integer ops, shared by both SIMD variants)                     */
+
+/* Each decoder turns one block x into its integers q (block_size of them, each fits int8), the float32
+ * scale dl and offset ml of every group of 16 values (the same float32 operations as quant.c), and
+ * returns how they combine (DQ_*). */
+
+INLINE T256 __m128i load16(const uint8_t *p) { return _mm_loadu_si128((const __m128i *)p); }
+INLINE T256 __m256i load32(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+INLINE T256 void store32(int8_t *q, __m256i v) { _mm256_storeu_si256((__m256i *)q, v); }
+INLINE T256 __m256i bytes(int v) { return _mm256_set1_epi8((char)v); }
+/* 32 bytes (b >> s) & m (a 16-bit shift; the mask drops the bits from the neighbour byte) */
+INLINE T256 __m256i field(__m256i b, int s, int m) { return _mm256_and_si256(_mm256_srli_epi16(b, s), bytes(m)); }
+/* 16 bytes b -> 32 bytes: low nibbles, then high nibbles */
+INLINE T256 __m256i nibbles(__m128i b) {
+    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+    return _mm256_set_m128i(hi, lo);
+}
+/* qh u32 -> 32 bytes, byte i = bit i of qh << 4 */
+INLINE T256 __m256i high_bits(uint32_t qh) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201ll);
+    __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), spread), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), bytes(0x10));
+}
+
+/* a block's f16 scale -> float32 with F16C (exact; a signaling NaN comes out quiet, which the products
+ * that use it would do anyway, so the dequantized values keep quant.c's bits) */
+INLINE T256 float h2f(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
+
+/* block size and bytes of a GGML block type (constants once inlined with a constant type) */
+INLINE int block_size(int type) { return type >= 10 ? 256 : 32; }
+INLINE int block_bytes(int type) {
+    switch (type) {
+    case 2: return 18;
+    case 3: return 20;
+    case 6: return 22;
+    case 7: return 24;
+    case 8: return 34;
+    case 10: return 84;
+    case 11: return 110;
+    case 12: return 144;
+    case 13: return 176;
+    default: return 210;
+    }
+}
+
+/* Q4_0 (18 B): d | qs[16]; q = nibble - 8 (low nibbles first), y = d * q */
+INLINE T256 int decode_q4_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    store32(q, _mm256_sub_epi8(nibbles(load16(x + 2)), bytes(8)));
+    dl[0] = dl[1] = h2f(x);
+    return DQ_MUL;
+}
+
+/* Q4_1 (20 B): d | m | qs[16]; y = (d * q) + m */
+INLINE T256 int decode_q4_1(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    store32(q, nibbles(load16(x + 4)));
+    dl[0] = dl[1] = h2f(x);
+    ml[0] = ml[1] = h2f(x + 2);
+    return DQ_ADD;
+}
+
+/* Q5_0 (22 B): d | qh u32 (bit i: high bit of value i) | qs[16]; y = d * (q - 16) */
+INLINE T256 int decode_q5_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    __m256i v = _mm256_or_si256(nibbles(load16(x + 6)), high_bits(rd32(x + 2)));
+    store32(q, _mm256_sub_epi8(v, bytes(16)));
+    dl[0] = dl[1] = h2f(x);
+    return DQ_MUL;
+}
+
+/* Q5_1 (24 B): d | m | qh u32 | qs[16]; y = (d * q) + m */
+INLINE T256 int decode_q5_1(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    store32(q, _mm256_or_si256(nibbles(load16(x + 8)), high_bits(rd32(x + 4))));
+    dl[0] = dl[1] = h2f(x);
+    ml[0] = ml[1] = h2f(x + 2);
+    return DQ_ADD;
+}
+
+/* Q8_0 (34 B): d | qs int8[32]; y = q * d */
+INLINE T256 int decode_q8_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    store32(q, load32(x + 2));
+    dl[0] = dl[1] = h2f(x);
+    return DQ_MUL;
+}
+
+/* Q2_K (84 B): scales[16] (lo 4 bits scale, hi 4 bits min) | qs[64] | d | dmin.
+ * Value j*128 + s*32 + l: q = (qs[j*32+l] >> 2s) & 3; group g = value/16: y = (d*sc_g) * q - (dmin*m_g) */
+INLINE T256 int decode_q2_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    const uint8_t *sc = x;
+    float d = h2f(x + 80), dmin = h2f(x + 82);
+    for (int g = 0; g < 16; g++) {
+        dl[g] = d * (float)(sc[g] & 15);
+        ml[g] = dmin * (float)(sc[g] >> 4);
+    }
+    for (int j = 0; j < 2; j++) {
+        __m256i b = load32(x + 16 + j * 32);
+        for (int s = 0; s < 4; s++) store32(q + j * 128 + s * 32, field(b, 2 * s, 3));
+    }
+    return DQ_SUB;
+}
+
+/* Q3_K (110 B): hmask[32] | qs[64] | scales[12] (16 x 6 bits) | d.
+ * Value j*128 + s*32 + l: q = ((qs[j*32+l] >> 2s) & 3) - (bit j*4+s of hmask[l] ? 0 : 4),
+ * y = (d * (sc_g - 32)) * q */
+INLINE T256 int decode_q3_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    const uint8_t *sc = x + 96;
+    float d = h2f(x + 108);
+    for (int i = 0; i < 16; i++) {
+        int lo = (sc[i % 8] >> (4 * (i / 8))) & 15;
+        int hi = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+        dl[i] = d * (float)((lo | (hi << 4)) - 32);
+    }
+    __m256i hm = load32(x);
+    for (int j = 0; j < 2; j++) {
+        __m256i b = load32(x + 32 + j * 32);
+        for (int s = 0; s < 4; s++) {
+            __m256i clear = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bytes(1 << (j * 4 + s))), _mm256_setzero_si256());
+            store32(q + j * 128 + s * 32, _mm256_sub_epi8(field(b, 2 * s, 3), _mm256_and_si256(clear, bytes(4))));
+        }
+    }
+    return DQ_MUL;
+}
+
+/* 8 x 6-bit scales and mins of Q4_K / Q5_K from 12 packed bytes */
+INLINE void scale_min_k4(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
+    for (int k = 0; k < 4; k++) {
+        sc[k] = s[k] & 63;
+        mn[k] = s[4 + k] & 63;
+        sc[4 + k] = (uint8_t)((s[8 + k] & 15) | ((s[k] >> 2) & 0x30));
+        mn[4 + k] = (uint8_t)((s[8 + k] >> 4) | ((s[4 + k] >> 2) & 0x30));
+    }
+}
+
+/* scales of Q4_K / Q5_K: groups of 32 -> dl, ml per 16 */
+INLINE T256 void scales_k4(const uint8_t *x, float *dl, float *ml) {
+    float d = h2f(x), dmin = h2f(x + 2);
+    uint8_t sc[8], mn[8];
+    scale_min_k4(x + 4, sc, mn);
+    for (int g = 0; g < 8; g++) {
+        dl[2 * g] = dl[2 * g + 1] = d * (float)sc[g];
+        ml[2 * g] = ml[2 * g + 1] = dmin * (float)mn[g];
+    }
+}
+
+/* Q4_K (144 B): d | dmin | scales[12] | qs[128]. Value g*32 + l: q = (qs[(g/2)*32+l] >> 4(g%2)) & 15,
+ * y = (d*sc_g) * q - (dmin*m_g) */
+INLINE T256 int decode_q4_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    scales_k4(x, dl, ml);
+    for (int j = 0; j < 4; j++) {
+        __m256i b = load32(x + 16 + j * 32);
+        store32(q + j * 64, field(b, 0, 15));
+        store32(q + j * 64 + 32, field(b, 4, 15));
+    }
+    return DQ_SUB;
+}
+
+/* Q5_K (176 B): d | dmin | scales[12] | qh[32] | qs[128]; as Q4_K with q |= ((qh[l] >> g) & 1) << 4 */
+INLINE T256 int decode_q5_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    scales_k4(x, dl, ml);
+    __m256i qh = load32(x + 16);
+    for (int j = 0; j < 4; j++) {
+        __m256i b = load32(x + 48 + j * 32);
+        __m256i h0 = _mm256_slli_epi16(field(qh, 2 * j, 1), 4), h1 = _mm256_slli_epi16(field(qh, 2 * j + 1, 1), 4);
+        store32(q + j * 64, _mm256_or_si256(field(b, 0, 15), h0));
+        store32(q + j * 64 + 32, _mm256_or_si256(field(b, 4, 15), h1));
+    }
+    return DQ_SUB;
+}
+
+/* Q6_K (210 B): ql[128] | qh[64] | scales int8[16] | d. Value j*128 + t*32 + l:
+ * q = ((ql[j*64 + (t%2)*32 + l] >> 4(t/2)) & 15 | ((qh[j*32+l] >> 2t) & 3) << 4) - 32, y = (d*sc_g) * q */
+INLINE T256 int decode_q6_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    const int8_t *sc = (const int8_t *)(x + 192);
+    float d = h2f(x + 208);
+    for (int i = 0; i < 16; i++) dl[i] = d * (float)sc[i];
+    for (int j = 0; j < 2; j++) {
+        __m256i h = load32(x + 128 + j * 32);
+        for (int t = 0; t < 4; t++) {
+            __m256i lo = field(load32(x + j * 64 + (t % 2) * 32), 4 * (t / 2), 15);
+            __m256i hi = _mm256_slli_epi16(field(h, 2 * t, 3), 4);
+            store32(q + j * 128 + t * 32, _mm256_sub_epi8(_mm256_or_si256(lo, hi), bytes(32)));
+        }
+    }
+    return DQ_MUL;
+}
+
+INLINE T256 int decode_block(int type, const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    switch (type) {
+    case 2: return decode_q4_0(x, q, dl, ml);
+    case 3: return decode_q4_1(x, q, dl, ml);
+    case 6: return decode_q5_0(x, q, dl, ml);
+    case 7: return decode_q5_1(x, q, dl, ml);
+    case 8: return decode_q8_0(x, q, dl, ml);
+    case 10: return decode_q2_k(x, q, dl, ml);
+    case 11: return decode_q3_k(x, q, dl, ml);
+    case 12: return decode_q4_k(x, q, dl, ml);
+    case 13: return decode_q5_k(x, q, dl, ml);
+    default: return decode_q6_k(x, q, dl, ml);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* 3a. AVX-512 (F, BW, VL, DQ) + FMA + F16C                                                    */
+
 
 /* F16 -> F32 with vcvtph2ps; inf/NaN lanes rebuilt by bits (the instruction quiets signaling NaNs,
  * quant.c keeps the payload as is) */
@@ -332,27 +366,43 @@ T512 static void bf16_row_512(const uint8_t *x, float *y, int64_t n) {
 }
 
 /* y (n, a multiple of 16) = combine(dl[i/16], q[i], ml[i/16]) */
-INLINE T512 void scale_512(const int8_t *q, const float *dl, const float *ml, int op, int n, float *y) {
+INLINE T512 void scale_512(const int8_t *q, const float *dl, const float *ml, const int op, const int n, float *y) {
+#pragma GCC unroll 16
     for (int i = 0; i < n; i += 16) {
         __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i))));
-        v = _mm512_mul_ps(_mm512_set1_ps(dl[i / 16]), v);
-        if (op == DQ_ADD) v = _mm512_add_ps(v, _mm512_set1_ps(ml[i / 16]));
-        if (op == DQ_SUB) v = _mm512_sub_ps(v, _mm512_set1_ps(ml[i / 16]));
+        v = _mm512_mul_ps(_mm512_set1_ps(dl[i >> 4]), v);
+        if (op == DQ_ADD) v = _mm512_add_ps(v, _mm512_set1_ps(ml[i >> 4]));
+        if (op == DQ_SUB) v = _mm512_sub_ps(v, _mm512_set1_ps(ml[i >> 4]));
         _mm512_storeu_ps(y + i, v);
     }
+}
+
+/* nb blocks of `type` (a constant once inlined) -> y (nb * block_size) */
+INLINE T512 void blocks_512(const int type, const uint8_t *x, int64_t nb, float *y) {
+    int8_t q[256];
+    float dl[16], ml[16];
+    for (int64_t b = 0; b < nb; b++, x += block_bytes(type), y += block_size(type))
+        scale_512(q, dl, ml, decode_block(type, x, q, dl, ml), block_size(type), y);
 }
 
 T512 static void dequant_512(int type, const uint8_t *row, int64_t k0, int64_t k1, float *y) {
     if (type == T_F32) { memcpy(y, row + 4 * k0, (size_t)(k1 - k0) * 4); return; }
     if (type == T_F16) { f16_row_512(row + 2 * k0, y, k1 - k0); return; }
     if (type == T_BF16) { bf16_row_512(row + 2 * k0, y, k1 - k0); return; }
-    const quant_type_info *t = quant_type((uint32_t)type);
-    int bs = (int)t->block_size;
-    int8_t q[256];
-    float dl[16], ml[16];
-    const uint8_t *x = row + k0 / bs * t->type_size;
-    for (int64_t k = k0; k < k1; k += bs, x += t->type_size, y += bs)
-        scale_512(q, dl, ml, decode_block(type, x, q, dl, ml), bs, y);
+    int64_t b0 = k0 / block_size(type), nb = (k1 - k0) / block_size(type);
+    const uint8_t *x = row + b0 * block_bytes(type);
+    switch (type) {
+    case 2: blocks_512(2, x, nb, y); break;
+    case 3: blocks_512(3, x, nb, y); break;
+    case 6: blocks_512(6, x, nb, y); break;
+    case 7: blocks_512(7, x, nb, y); break;
+    case 8: blocks_512(8, x, nb, y); break;
+    case 10: blocks_512(10, x, nb, y); break;
+    case 11: blocks_512(11, x, nb, y); break;
+    case 12: blocks_512(12, x, nb, y); break;
+    case 13: blocks_512(13, x, nb, y); break;
+    default: blocks_512(14, x, nb, y); break;
+    }
 }
 
 /* 4 vectors -> their 4 sums */
@@ -469,9 +519,7 @@ T512 static void axpy_tile_512(const float *const *w, int nr, const float *g, in
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* 2c. AVX2 + FMA + F16C                                                                       */
-
-#define T256 __attribute__((target("avx2,fma,f16c")))
+/* 3b. AVX2 + FMA + F16C                                                                       */
 
 static const int32_t TAIL_MASK[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
 INLINE T256 __m256i tail_mask_256(int64_t n) { return _mm256_loadu_si256((const __m256i *)(TAIL_MASK + 8 - n)); }
@@ -506,27 +554,42 @@ T256 static void bf16_row_256(const uint8_t *x, float *y, int64_t n) {
     }
 }
 
-INLINE T256 void scale_256(const int8_t *q, const float *dl, const float *ml, int op, int n, float *y) {
+INLINE T256 void scale_256(const int8_t *q, const float *dl, const float *ml, const int op, const int n, float *y) {
+#pragma GCC unroll 32
     for (int i = 0; i < n; i += 8) {
         __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + i))));
-        v = _mm256_mul_ps(_mm256_set1_ps(dl[i / 16]), v);
-        if (op == DQ_ADD) v = _mm256_add_ps(v, _mm256_set1_ps(ml[i / 16]));
-        if (op == DQ_SUB) v = _mm256_sub_ps(v, _mm256_set1_ps(ml[i / 16]));
+        v = _mm256_mul_ps(_mm256_set1_ps(dl[i >> 4]), v);
+        if (op == DQ_ADD) v = _mm256_add_ps(v, _mm256_set1_ps(ml[i >> 4]));
+        if (op == DQ_SUB) v = _mm256_sub_ps(v, _mm256_set1_ps(ml[i >> 4]));
         _mm256_storeu_ps(y + i, v);
     }
+}
+
+INLINE T256 void blocks_256(const int type, const uint8_t *x, int64_t nb, float *y) {
+    int8_t q[256];
+    float dl[16], ml[16];
+    for (int64_t b = 0; b < nb; b++, x += block_bytes(type), y += block_size(type))
+        scale_256(q, dl, ml, decode_block(type, x, q, dl, ml), block_size(type), y);
 }
 
 T256 static void dequant_256(int type, const uint8_t *row, int64_t k0, int64_t k1, float *y) {
     if (type == T_F32) { memcpy(y, row + 4 * k0, (size_t)(k1 - k0) * 4); return; }
     if (type == T_F16) { f16_row_256(row + 2 * k0, y, k1 - k0); return; }
     if (type == T_BF16) { bf16_row_256(row + 2 * k0, y, k1 - k0); return; }
-    const quant_type_info *t = quant_type((uint32_t)type);
-    int bs = (int)t->block_size;
-    int8_t q[256];
-    float dl[16], ml[16];
-    const uint8_t *x = row + k0 / bs * t->type_size;
-    for (int64_t k = k0; k < k1; k += bs, x += t->type_size, y += bs)
-        scale_256(q, dl, ml, decode_block(type, x, q, dl, ml), bs, y);
+    int64_t b0 = k0 / block_size(type), nb = (k1 - k0) / block_size(type);
+    const uint8_t *x = row + b0 * block_bytes(type);
+    switch (type) {
+    case 2: blocks_256(2, x, nb, y); break;
+    case 3: blocks_256(3, x, nb, y); break;
+    case 6: blocks_256(6, x, nb, y); break;
+    case 7: blocks_256(7, x, nb, y); break;
+    case 8: blocks_256(8, x, nb, y); break;
+    case 10: blocks_256(10, x, nb, y); break;
+    case 11: blocks_256(11, x, nb, y); break;
+    case 12: blocks_256(12, x, nb, y); break;
+    case 13: blocks_256(13, x, nb, y); break;
+    default: blocks_256(14, x, nb, y); break;
+    }
 }
 
 INLINE T256 __m128 hsum4_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
@@ -637,7 +700,7 @@ T256 static void axpy_tile_256(const float *const *w, int nr, const float *g, in
 #endif /* MATMUL_X86 */
 
 /* ------------------------------------------------------------------------------------------ */
-/* 3. dispatch                                                                                 */
+/* 4. dispatch                                                                                 */
 
 typedef struct {
     const char *name;
@@ -707,7 +770,7 @@ int mat_set_isa(const char *name) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* 4. drivers                                                                                  */
+/* 5. drivers                                                                                  */
 
 /* Smallest N that takes the many-rows (sgemm) regime, per type; measured with benchmarks/matmul.py
  * (2 threads, AVX-512, GPT-2 / Llama shapes): see the report in the commit that set them. */
@@ -766,7 +829,11 @@ static void few_tile(const Job *j, int64_t o, int nr, float *buf /* (TILE_ROWS, 
 }
 
 static void few_range(void *ctx, int64_t lo, int64_t hi, int tid) {
-    for (int64_t o = lo; o < hi; o += TILE_ROWS) few_tile(ctx, o, (int)min64(TILE_ROWS, hi - o), thread_buf(ctx, tid));
+    const Job *j = ctx;
+    for (int64_t o = lo; o < hi; o += TILE_ROWS) {
+        int nr = (int)min64(TILE_ROWS, hi - o);
+        few_tile(j, o, nr, thread_buf(j, tid));
+    }
 }
 
 /* many rows, rows lo..hi-1 of W: unpack to float32 (F32: in place), one single-threaded sgemm */
