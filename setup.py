@@ -89,8 +89,17 @@ core = Extension(
     **{**common, "extra_compile_args": cflags + ["-pthread"],
        "extra_link_args": ldflags + ["-pthread"] + blas["extra_link_args"]},
 )
+# Matrix products with weights as stored (csrc/matmul.c) and their test/benchmark entry points.
+kernels = Extension(
+    "factrace._kernels",
+    sources=["csrc/kernels_module.c", "csrc/matmul.c", "csrc/quant.c", "csrc/pool.c"],
+    library_dirs=blas["library_dirs"],
+    libraries=blas["libraries"] + ["m"],
+    **{**common, "extra_compile_args": cflags + ["-pthread"],
+       "extra_link_args": ldflags + ["-pthread"] + blas["extra_link_args"]},
+)
 gguf_sources = [p for p in ("csrc/gguf.c", "csrc/quant.c", "csrc/gguf_module.c") if os.path.exists(p)]
-exts = [core]
+exts = [core, kernels]
 if gguf_sources:
     exts.append(Extension("factrace._gguf", sources=gguf_sources, libraries=["m"], **common))
 

@@ -1,0 +1,976 @@
+/* matmul.c - products with weights as stored (F32, F16, BF16, GGML blocks); see matmul.h.
+ *
+ * Layout of this file:
+ *   1. common helpers
+ *   2. the portable baseline of three operations:
+ *        dequant   one row, columns k0..k1-1 -> float32 (bit-identical to quant_dequantize)
+ *        dot_tile  out (N, nr) = x (N, K) @ w (nr, K)^T (+ bias)        (nr <= 4 rows of W)
+ *        axpy_tile out (N, K) += g (N, nr) @ w (nr, K)                   (for mat_mul_t)
+ *   3. x86: GGML block decoders (block -> small integers + float32 scales), then the AVX-512 and the
+ *      AVX2 variants of the three operations
+ *   4. dispatch (resolved once from the CPU; FACTRACE_ISA / mat_set_isa override)
+ *   5. drivers: few rows (the tiles above, threads claim chunks of output features) and many rows
+ *      (panels of weight rows unpacked to float32 and multiplied by single-threaded cblas_sgemm)
+ *
+ * Exactness: dequantization is the same float32 operations as quant.c in the same order (d*sc rounded
+ * first, then d*q, then +m / -m). GCC contracts a*b+c into FMA only with -ffp-contract=fast, which
+ * -std=c11 (setup.py) turns off; clang obeys the pragma below. tests/test_matmul_kernels.py checks
+ * rows_f32 bit for bit for every variant. FMA is used only in the dot products (summation rounding). */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+
+#include "matmul.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "blas.h"
+#include "quant.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define MATMUL_X86 1
+#include <immintrin.h>
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+#define TILE_ROWS 4 /* rows of W per tile of the few-rows kernels */
+
+enum { T_F32 = 0, T_F16 = 1, T_BF16 = 30 };
+enum { DQ_MUL, DQ_ADD, DQ_SUB }; /* y = dl*q, (dl*q) + ml, (dl*q) - ml */
+
+static int supported(int type) {
+    switch (type) {
+    case 0: case 1: case 30: case 2: case 3: case 6: case 7: case 8: case 10: case 11: case 12: case 13: case 14:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+int mat_row_bytes(int type, int64_t n_in, int64_t *row_bytes) {
+    const quant_type_info *t = supported(type) ? quant_type((uint32_t)type) : NULL;
+    if (!t || n_in < 0 || n_in % t->block_size) return -1;
+    if (n_in / t->block_size > INT64_MAX / t->type_size) return -1;
+    *row_bytes = n_in / t->block_size * t->type_size;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* 1. common                                                                                    */
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline uint32_t rd32(const uint8_t *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+/* quant_fp16_to_fp32, inlined here (one call per block scale) */
+INLINE float half_to_float(uint16_t h) {
+    const uint32_t shifted_exp = 0x7c00u << 13;
+    uint32_t o = (uint32_t)(h & 0x7fffu) << 13, exp = o & shifted_exp, magic = 113u << 23;
+    float f, m;
+    o += (uint32_t)(127 - 15) << 23;
+    if (exp == shifted_exp) {
+        o += (uint32_t)(128 - 16) << 23;
+    } else if (exp == 0) {
+        o += 1u << 23;
+        memcpy(&f, &o, 4);
+        memcpy(&m, &magic, 4);
+        f -= m;
+        memcpy(&o, &f, 4);
+    }
+    o |= (uint32_t)(h & 0x8000u) << 16;
+    memcpy(&f, &o, 4);
+    return f;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* 2. portable baseline (dequantization: quant.c itself)                                      */
+
+/* one row, values k0..k1-1 (multiples of the block size) -> y (k1-k0) */
+static void dequant_base(int type, const uint8_t *row, int64_t k0, int64_t k1, float *y) {
+    const quant_type_info *t = quant_type((uint32_t)type);
+    quant_dequantize((uint32_t)type, row + k0 / t->block_size * t->type_size, y, k1 - k0);
+}
+
+/* out[n*ldo + r] = x[n] . w[r] (+ bias[r]) for n < N, r < nr; x: (N, K) */
+static void dot_tile_base(const float *const *w, int nr, const float *x, int64_t N, int64_t K, float *out,
+                          int64_t ldo, const float *bias) {
+    for (int64_t n = 0; n < N; n++) {
+        const float *xn = x + n * K;
+        for (int r = 0; r < nr; r++) {
+            float s[8] = {0};
+            int64_t k = 0;
+            for (; k + 8 <= K; k += 8)
+                for (int l = 0; l < 8; l++) s[l] += w[r][k + l] * xn[k + l];
+            for (; k < K; k++) s[0] += w[r][k] * xn[k];
+            float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+            out[n * ldo + r] = bias ? t + bias[r] : t;
+        }
+    }
+}
+
+/* out[n*ldo + k] += sum_r g[n*ldg + r] * w[r][k] for n < N, k < K, r < nr */
+static void axpy_tile_base(const float *const *w, int nr, const float *g, int64_t ldg, int64_t N, int64_t K,
+                           float *out, int64_t ldo) {
+    for (int64_t n = 0; n < N; n++) {
+        float *o = out + n * ldo;
+        for (int r = 0; r < nr; r++) {
+            float gr = g[n * ldg + r];
+            for (int64_t k = 0; k < K; k++) o[k] += gr * w[r][k];
+        }
+    }
+}
+
+#ifdef MATMUL_X86
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define T256 __attribute__((target("avx2,fma,f16c")))
+
+/* ------------------------------------------------------------------------------------------ */
+/* 3. x86: block decoders (AVX2 integer ops, shared by both SIMD variants)                     */
+
+/* Each decoder turns one block x into its integers q (block_size of them, each fits int8), the float32
+ * scale dl and offset ml of every group of 16 values (the same float32 operations as quant.c), and
+ * returns how they combine (DQ_*). */
+
+INLINE T256 __m128i load16(const uint8_t *p) { return _mm_loadu_si128((const __m128i *)p); }
+INLINE T256 __m256i load32(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+INLINE T256 void store32(int8_t *q, __m256i v) { _mm256_storeu_si256((__m256i *)q, v); }
+INLINE T256 __m256i bytes(int v) { return _mm256_set1_epi8((char)v); }
+/* 32 bytes (b >> s) & m (a 16-bit shift; the mask drops the bits from the neighbour byte) */
+INLINE T256 __m256i field(__m256i b, int s, int m) { return _mm256_and_si256(_mm256_srli_epi16(b, s), bytes(m)); }
+/* 16 bytes b -> 32 bytes: low nibbles, then high nibbles */
+INLINE T256 __m256i nibbles(__m128i b) {
+    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+    return _mm256_set_m128i(hi, lo);
+}
+/* qh u32 -> 32 bytes, byte i = bit i of qh << 4 */
+INLINE T256 __m256i high_bits(uint32_t qh) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201ll);
+    __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), spread), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), bytes(0x10));
+}
+
+/* a block's f16 scale -> float32 with F16C (exact; a signaling NaN comes out quiet, which the products
+ * that use it would do anyway, so the dequantized values keep quant.c's bits) */
+INLINE T256 float h2f(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
+
+/* block size and bytes of a GGML block type (constants once inlined with a constant type) */
+INLINE int block_size(int type) { return type >= 10 ? 256 : 32; }
+INLINE int block_bytes(int type) {
+    switch (type) {
+    case 2: return 18;
+    case 3: return 20;
+    case 6: return 22;
+    case 7: return 24;
+    case 8: return 34;
+    case 10: return 84;
+    case 11: return 110;
+    case 12: return 144;
+    case 13: return 176;
+    default: return 210;
+    }
+}
+
+/* Q4_0 (18 B): d | qs[16]; q = nibble - 8 (low nibbles first), y = d * q */
+INLINE T256 int decode_q4_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    store32(q, _mm256_sub_epi8(nibbles(load16(x + 2)), bytes(8)));
+    dl[0] = dl[1] = h2f(x);
+    return DQ_MUL;
+}
+
+/* Q4_1 (20 B): d | m | qs[16]; y = (d * q) + m */
+INLINE T256 int decode_q4_1(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    store32(q, nibbles(load16(x + 4)));
+    dl[0] = dl[1] = h2f(x);
+    ml[0] = ml[1] = h2f(x + 2);
+    return DQ_ADD;
+}
+
+/* Q5_0 (22 B): d | qh u32 (bit i: high bit of value i) | qs[16]; y = d * (q - 16) */
+INLINE T256 int decode_q5_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    __m256i v = _mm256_or_si256(nibbles(load16(x + 6)), high_bits(rd32(x + 2)));
+    store32(q, _mm256_sub_epi8(v, bytes(16)));
+    dl[0] = dl[1] = h2f(x);
+    return DQ_MUL;
+}
+
+/* Q5_1 (24 B): d | m | qh u32 | qs[16]; y = (d * q) + m */
+INLINE T256 int decode_q5_1(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    store32(q, _mm256_or_si256(nibbles(load16(x + 8)), high_bits(rd32(x + 4))));
+    dl[0] = dl[1] = h2f(x);
+    ml[0] = ml[1] = h2f(x + 2);
+    return DQ_ADD;
+}
+
+/* Q8_0 (34 B): d | qs int8[32]; y = q * d */
+INLINE T256 int decode_q8_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    store32(q, load32(x + 2));
+    dl[0] = dl[1] = h2f(x);
+    return DQ_MUL;
+}
+
+/* Q2_K (84 B): scales[16] (lo 4 bits scale, hi 4 bits min) | qs[64] | d | dmin.
+ * Value j*128 + s*32 + l: q = (qs[j*32+l] >> 2s) & 3; group g = value/16: y = (d*sc_g) * q - (dmin*m_g) */
+INLINE T256 int decode_q2_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    const uint8_t *sc = x;
+    float d = h2f(x + 80), dmin = h2f(x + 82);
+    for (int g = 0; g < 16; g++) {
+        dl[g] = d * (float)(sc[g] & 15);
+        ml[g] = dmin * (float)(sc[g] >> 4);
+    }
+    for (int j = 0; j < 2; j++) {
+        __m256i b = load32(x + 16 + j * 32);
+        for (int s = 0; s < 4; s++) store32(q + j * 128 + s * 32, field(b, 2 * s, 3));
+    }
+    return DQ_SUB;
+}
+
+/* Q3_K (110 B): hmask[32] | qs[64] | scales[12] (16 x 6 bits) | d.
+ * Value j*128 + s*32 + l: q = ((qs[j*32+l] >> 2s) & 3) - (bit j*4+s of hmask[l] ? 0 : 4),
+ * y = (d * (sc_g - 32)) * q */
+INLINE T256 int decode_q3_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    const uint8_t *sc = x + 96;
+    float d = h2f(x + 108);
+    for (int i = 0; i < 16; i++) {
+        int lo = (sc[i % 8] >> (4 * (i / 8))) & 15;
+        int hi = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+        dl[i] = d * (float)((lo | (hi << 4)) - 32);
+    }
+    __m256i hm = load32(x);
+    for (int j = 0; j < 2; j++) {
+        __m256i b = load32(x + 32 + j * 32);
+        for (int s = 0; s < 4; s++) {
+            __m256i clear = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bytes(1 << (j * 4 + s))), _mm256_setzero_si256());
+            store32(q + j * 128 + s * 32, _mm256_sub_epi8(field(b, 2 * s, 3), _mm256_and_si256(clear, bytes(4))));
+        }
+    }
+    return DQ_MUL;
+}
+
+/* 8 x 6-bit scales and mins of Q4_K / Q5_K from 12 packed bytes */
+INLINE void scale_min_k4(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
+    for (int k = 0; k < 4; k++) {
+        sc[k] = s[k] & 63;
+        mn[k] = s[4 + k] & 63;
+        sc[4 + k] = (uint8_t)((s[8 + k] & 15) | ((s[k] >> 2) & 0x30));
+        mn[4 + k] = (uint8_t)((s[8 + k] >> 4) | ((s[4 + k] >> 2) & 0x30));
+    }
+}
+
+/* scales of Q4_K / Q5_K: groups of 32 -> dl, ml per 16 */
+INLINE T256 void scales_k4(const uint8_t *x, float *dl, float *ml) {
+    float d = h2f(x), dmin = h2f(x + 2);
+    uint8_t sc[8], mn[8];
+    scale_min_k4(x + 4, sc, mn);
+    for (int g = 0; g < 8; g++) {
+        dl[2 * g] = dl[2 * g + 1] = d * (float)sc[g];
+        ml[2 * g] = ml[2 * g + 1] = dmin * (float)mn[g];
+    }
+}
+
+/* Q4_K (144 B): d | dmin | scales[12] | qs[128]. Value g*32 + l: q = (qs[(g/2)*32+l] >> 4(g%2)) & 15,
+ * y = (d*sc_g) * q - (dmin*m_g) */
+INLINE T256 int decode_q4_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    scales_k4(x, dl, ml);
+    for (int j = 0; j < 4; j++) {
+        __m256i b = load32(x + 16 + j * 32);
+        store32(q + j * 64, field(b, 0, 15));
+        store32(q + j * 64 + 32, field(b, 4, 15));
+    }
+    return DQ_SUB;
+}
+
+/* Q5_K (176 B): d | dmin | scales[12] | qh[32] | qs[128]; as Q4_K with q |= ((qh[l] >> g) & 1) << 4 */
+INLINE T256 int decode_q5_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    scales_k4(x, dl, ml);
+    __m256i qh = load32(x + 16);
+    for (int j = 0; j < 4; j++) {
+        __m256i b = load32(x + 48 + j * 32);
+        __m256i h0 = _mm256_slli_epi16(field(qh, 2 * j, 1), 4), h1 = _mm256_slli_epi16(field(qh, 2 * j + 1, 1), 4);
+        store32(q + j * 64, _mm256_or_si256(field(b, 0, 15), h0));
+        store32(q + j * 64 + 32, _mm256_or_si256(field(b, 4, 15), h1));
+    }
+    return DQ_SUB;
+}
+
+/* Q6_K (210 B): ql[128] | qh[64] | scales int8[16] | d. Value j*128 + t*32 + l:
+ * q = ((ql[j*64 + (t%2)*32 + l] >> 4(t/2)) & 15 | ((qh[j*32+l] >> 2t) & 3) << 4) - 32, y = (d*sc_g) * q */
+INLINE T256 int decode_q6_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    const int8_t *sc = (const int8_t *)(x + 192);
+    float d = h2f(x + 208);
+    for (int i = 0; i < 16; i++) dl[i] = d * (float)sc[i];
+    for (int j = 0; j < 2; j++) {
+        __m256i h = load32(x + 128 + j * 32);
+        for (int t = 0; t < 4; t++) {
+            __m256i lo = field(load32(x + j * 64 + (t % 2) * 32), 4 * (t / 2), 15);
+            __m256i hi = _mm256_slli_epi16(field(h, 2 * t, 3), 4);
+            store32(q + j * 128 + t * 32, _mm256_sub_epi8(_mm256_or_si256(lo, hi), bytes(32)));
+        }
+    }
+    return DQ_MUL;
+}
+
+INLINE T256 int decode_block(int type, const uint8_t *x, int8_t *q, float *dl, float *ml) {
+    switch (type) {
+    case 2: return decode_q4_0(x, q, dl, ml);
+    case 3: return decode_q4_1(x, q, dl, ml);
+    case 6: return decode_q5_0(x, q, dl, ml);
+    case 7: return decode_q5_1(x, q, dl, ml);
+    case 8: return decode_q8_0(x, q, dl, ml);
+    case 10: return decode_q2_k(x, q, dl, ml);
+    case 11: return decode_q3_k(x, q, dl, ml);
+    case 12: return decode_q4_k(x, q, dl, ml);
+    case 13: return decode_q5_k(x, q, dl, ml);
+    default: return decode_q6_k(x, q, dl, ml);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* 3a. AVX-512 (F, BW, VL, DQ) + FMA + F16C                                                    */
+
+
+/* F16 -> F32 with vcvtph2ps; inf/NaN lanes rebuilt by bits (the instruction quiets signaling NaNs,
+ * quant.c keeps the payload as is) */
+T512 static void f16_row_512(const uint8_t *x, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(x + 2 * i));
+        __m512 f = _mm512_cvtph_ps(h);
+        __mmask16 special = _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, _mm256_set1_epi16(0x7c00)),
+                                                    _mm256_set1_epi16(0x7c00));
+        if (special) {
+            __m512i u = _mm512_cvtepu16_epi32(h);
+            __m512i s = _mm512_slli_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x8000)), 16);
+            __m512i m = _mm512_slli_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x3ff)), 13);
+            __m512i b = _mm512_or_si512(_mm512_or_si512(s, m), _mm512_set1_epi32(0x7f800000));
+            f = _mm512_mask_mov_ps(f, special, _mm512_castsi512_ps(b));
+        }
+        _mm512_storeu_ps(y + i, f);
+    }
+    for (; i < n; i++) y[i] = half_to_float(rd16(x + 2 * i));
+}
+
+T512 static void bf16_row_512(const uint8_t *x, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + 2 * i)));
+        _mm512_storeu_ps(y + i, _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)));
+    }
+    for (; i < n; i++) {
+        uint32_t u = (uint32_t)rd16(x + 2 * i) << 16;
+        memcpy(y + i, &u, 4);
+    }
+}
+
+/* y (n, a multiple of 16) = combine(dl[i/16], q[i], ml[i/16]) */
+INLINE T512 void scale_512(const int8_t *q, const float *dl, const float *ml, const int op, const int n, float *y) {
+#pragma GCC unroll 16
+    for (int i = 0; i < n; i += 16) {
+        __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i))));
+        v = _mm512_mul_ps(_mm512_set1_ps(dl[i >> 4]), v);
+        if (op == DQ_ADD) v = _mm512_add_ps(v, _mm512_set1_ps(ml[i >> 4]));
+        if (op == DQ_SUB) v = _mm512_sub_ps(v, _mm512_set1_ps(ml[i >> 4]));
+        _mm512_storeu_ps(y + i, v);
+    }
+}
+
+/* nb blocks of `type` (a constant once inlined) -> y (nb * block_size) */
+INLINE T512 void blocks_512(const int type, const uint8_t *x, int64_t nb, float *y) {
+    int8_t q[256];
+    float dl[16], ml[16];
+    for (int64_t b = 0; b < nb; b++, x += block_bytes(type), y += block_size(type))
+        scale_512(q, dl, ml, decode_block(type, x, q, dl, ml), block_size(type), y);
+}
+
+T512 static void dequant_512(int type, const uint8_t *row, int64_t k0, int64_t k1, float *y) {
+    if (type == T_F32) { memcpy(y, row + 4 * k0, (size_t)(k1 - k0) * 4); return; }
+    if (type == T_F16) { f16_row_512(row + 2 * k0, y, k1 - k0); return; }
+    if (type == T_BF16) { bf16_row_512(row + 2 * k0, y, k1 - k0); return; }
+    int64_t b0 = k0 / block_size(type), nb = (k1 - k0) / block_size(type);
+    const uint8_t *x = row + b0 * block_bytes(type);
+    switch (type) {
+    case 2: blocks_512(2, x, nb, y); break;
+    case 3: blocks_512(3, x, nb, y); break;
+    case 6: blocks_512(6, x, nb, y); break;
+    case 7: blocks_512(7, x, nb, y); break;
+    case 8: blocks_512(8, x, nb, y); break;
+    case 10: blocks_512(10, x, nb, y); break;
+    case 11: blocks_512(11, x, nb, y); break;
+    case 12: blocks_512(12, x, nb, y); break;
+    case 13: blocks_512(13, x, nb, y); break;
+    default: blocks_512(14, x, nb, y); break;
+    }
+}
+
+/* 4 vectors -> their 4 sums */
+INLINE T512 __m128 hsum4_256(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+INLINE T512 __m256 half_512(__m512 a) {
+    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+}
+
+/* out[c*ldo + r] = x[c] . w[r] (+ bias[r]) for c < NC (<= 6), r < nr; x rows K apart.
+ * 4 x NC accumulators: per 16 values 4 + NC loads feed 4*NC FMAs. */
+INLINE T512 void dot_block_512(const float *const *w, int nr, const float *x, int64_t K, const int NC, float *out,
+                                int64_t ldo, const float *bias) {
+    __m512 acc[6][4];
+    #pragma GCC unroll 8
+    for (int c = 0; c < NC; c++)
+        #pragma GCC unroll 8
+        for (int r = 0; r < 4; r++) acc[c][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) { /* the last step masked (F32/F16/BF16 widths) */
+        __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        __m512 w0 = _mm512_maskz_loadu_ps(m, w[0] + k), w1 = _mm512_maskz_loadu_ps(m, w[1] + k);
+        __m512 w2 = _mm512_maskz_loadu_ps(m, w[2] + k), w3 = _mm512_maskz_loadu_ps(m, w[3] + k);
+        #pragma GCC unroll 8
+        for (int c = 0; c < NC; c++) {
+            __m512 xv = _mm512_maskz_loadu_ps(m, x + c * K + k);
+            acc[c][0] = _mm512_fmadd_ps(w0, xv, acc[c][0]);
+            acc[c][1] = _mm512_fmadd_ps(w1, xv, acc[c][1]);
+            acc[c][2] = _mm512_fmadd_ps(w2, xv, acc[c][2]);
+            acc[c][3] = _mm512_fmadd_ps(w3, xv, acc[c][3]);
+        }
+    }
+    #pragma GCC unroll 8
+    for (int c = 0; c < NC; c++) {
+        float s[4];
+        _mm_storeu_ps(s, hsum4_256(half_512(acc[c][0]), half_512(acc[c][1]), half_512(acc[c][2]),
+                                   half_512(acc[c][3])));
+        #pragma GCC unroll 8
+        for (int r = 0; r < nr; r++) out[c * ldo + r] = bias ? s[r] + bias[r] : s[r];
+    }
+}
+
+T512 static void dot_tile_512(const float *const *w, int nr, const float *x, int64_t N, int64_t K, float *out,
+                              int64_t ldo, const float *bias) {
+    int64_t n = 0;
+    for (; n + 6 <= N; n += 6) dot_block_512(w, nr, x + n * K, K, 6, out + n * ldo, ldo, bias);
+    const float *xn = x + n * K;
+    float *on = out + n * ldo;
+    switch (N - n) {
+    case 5: dot_block_512(w, nr, xn, K, 5, on, ldo, bias); break;
+    case 4: dot_block_512(w, nr, xn, K, 4, on, ldo, bias); break;
+    case 3: dot_block_512(w, nr, xn, K, 3, on, ldo, bias); break;
+    case 2: dot_block_512(w, nr, xn, K, 2, on, ldo, bias); break;
+    case 1: dot_block_512(w, nr, xn, K, 1, on, ldo, bias); break;
+    default: break;
+    }
+}
+
+/* out[c*ldo + k] += sum_{r < NR} g[c*ldg + r] * w[r][k] for c < NC (<= 4), k < K */
+INLINE T512 void axpy_block_512(const float *const *w, const int NR, const float *g, int64_t ldg, const int NC,
+                                 int64_t K, float *out, int64_t ldo) {
+    __m512 gv[4][4], wv[4];
+    #pragma GCC unroll 8
+    for (int c = 0; c < NC; c++)
+        #pragma GCC unroll 8
+        for (int r = 0; r < NR; r++) gv[c][r] = _mm512_set1_ps(g[c * ldg + r]);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        #pragma GCC unroll 8
+        for (int r = 0; r < NR; r++) wv[r] = _mm512_loadu_ps(w[r] + k);
+        #pragma GCC unroll 8
+        for (int c = 0; c < NC; c++) {
+            __m512 o = _mm512_loadu_ps(out + c * ldo + k);
+            #pragma GCC unroll 8
+            for (int r = 0; r < NR; r++) o = _mm512_fmadd_ps(gv[c][r], wv[r], o);
+            _mm512_storeu_ps(out + c * ldo + k, o);
+        }
+    }
+    if (k < K) {
+        __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+        #pragma GCC unroll 8
+        for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_ps(m, w[r] + k);
+        #pragma GCC unroll 8
+        for (int c = 0; c < NC; c++) {
+            __m512 o = _mm512_maskz_loadu_ps(m, out + c * ldo + k);
+            #pragma GCC unroll 8
+            for (int r = 0; r < NR; r++) o = _mm512_fmadd_ps(gv[c][r], wv[r], o);
+            _mm512_mask_storeu_ps(out + c * ldo + k, m, o);
+        }
+    }
+}
+
+INLINE T512 void axpy_rows_512(const float *const *w, const int NR, const float *g, int64_t ldg, int64_t N,
+                                int64_t K, float *out, int64_t ldo) {
+    int64_t n = 0;
+    for (; n + 4 <= N; n += 4) axpy_block_512(w, NR, g + n * ldg, ldg, 4, K, out + n * ldo, ldo);
+    switch (N - n) {
+    case 3: axpy_block_512(w, NR, g + n * ldg, ldg, 3, K, out + n * ldo, ldo); break;
+    case 2: axpy_block_512(w, NR, g + n * ldg, ldg, 2, K, out + n * ldo, ldo); break;
+    case 1: axpy_block_512(w, NR, g + n * ldg, ldg, 1, K, out + n * ldo, ldo); break;
+    default: break;
+    }
+}
+
+T512 static void axpy_tile_512(const float *const *w, int nr, const float *g, int64_t ldg, int64_t N, int64_t K,
+                               float *out, int64_t ldo) {
+    switch (nr) {
+    case 4: axpy_rows_512(w, 4, g, ldg, N, K, out, ldo); break;
+    case 3: axpy_rows_512(w, 3, g, ldg, N, K, out, ldo); break;
+    case 2: axpy_rows_512(w, 2, g, ldg, N, K, out, ldo); break;
+    default: axpy_rows_512(w, 1, g, ldg, N, K, out, ldo); break;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* 3b. AVX2 + FMA + F16C                                                                       */
+
+static const int32_t TAIL_MASK[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+INLINE T256 __m256i tail_mask_256(int64_t n) { return _mm256_loadu_si256((const __m256i *)(TAIL_MASK + 8 - n)); }
+
+T256 static void f16_row_256(const uint8_t *x, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(x + 2 * i));
+        __m256 f = _mm256_cvtph_ps(h);
+        __m128i special = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7c00)), _mm_set1_epi16(0x7c00));
+        if (_mm_movemask_epi8(special)) {
+            __m256i u = _mm256_cvtepu16_epi32(h);
+            __m256i s = _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x8000)), 16);
+            __m256i m = _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x3ff)), 13);
+            __m256i b = _mm256_or_si256(_mm256_or_si256(s, m), _mm256_set1_epi32(0x7f800000));
+            f = _mm256_blendv_ps(f, _mm256_castsi256_ps(b), _mm256_castsi256_ps(_mm256_cvtepi16_epi32(special)));
+        }
+        _mm256_storeu_ps(y + i, f);
+    }
+    for (; i < n; i++) y[i] = half_to_float(rd16(x + 2 * i));
+}
+
+T256 static void bf16_row_256(const uint8_t *x, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + 2 * i)));
+        _mm256_storeu_ps(y + i, _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)));
+    }
+    for (; i < n; i++) {
+        uint32_t u = (uint32_t)rd16(x + 2 * i) << 16;
+        memcpy(y + i, &u, 4);
+    }
+}
+
+INLINE T256 void scale_256(const int8_t *q, const float *dl, const float *ml, const int op, const int n, float *y) {
+#pragma GCC unroll 32
+    for (int i = 0; i < n; i += 8) {
+        __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + i))));
+        v = _mm256_mul_ps(_mm256_set1_ps(dl[i >> 4]), v);
+        if (op == DQ_ADD) v = _mm256_add_ps(v, _mm256_set1_ps(ml[i >> 4]));
+        if (op == DQ_SUB) v = _mm256_sub_ps(v, _mm256_set1_ps(ml[i >> 4]));
+        _mm256_storeu_ps(y + i, v);
+    }
+}
+
+INLINE T256 void blocks_256(const int type, const uint8_t *x, int64_t nb, float *y) {
+    int8_t q[256];
+    float dl[16], ml[16];
+    for (int64_t b = 0; b < nb; b++, x += block_bytes(type), y += block_size(type))
+        scale_256(q, dl, ml, decode_block(type, x, q, dl, ml), block_size(type), y);
+}
+
+T256 static void dequant_256(int type, const uint8_t *row, int64_t k0, int64_t k1, float *y) {
+    if (type == T_F32) { memcpy(y, row + 4 * k0, (size_t)(k1 - k0) * 4); return; }
+    if (type == T_F16) { f16_row_256(row + 2 * k0, y, k1 - k0); return; }
+    if (type == T_BF16) { bf16_row_256(row + 2 * k0, y, k1 - k0); return; }
+    int64_t b0 = k0 / block_size(type), nb = (k1 - k0) / block_size(type);
+    const uint8_t *x = row + b0 * block_bytes(type);
+    switch (type) {
+    case 2: blocks_256(2, x, nb, y); break;
+    case 3: blocks_256(3, x, nb, y); break;
+    case 6: blocks_256(6, x, nb, y); break;
+    case 7: blocks_256(7, x, nb, y); break;
+    case 8: blocks_256(8, x, nb, y); break;
+    case 10: blocks_256(10, x, nb, y); break;
+    case 11: blocks_256(11, x, nb, y); break;
+    case 12: blocks_256(12, x, nb, y); break;
+    case 13: blocks_256(13, x, nb, y); break;
+    default: blocks_256(14, x, nb, y); break;
+    }
+}
+
+INLINE T256 __m128 hsum4_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/* out[c*ldo + r] = x[c] . w[r] (+ bias[r]) for c < NC (<= 2), r < nr (16 registers: 8 accumulators) */
+INLINE T256 void dot_block_256(const float *const *w, int nr, const float *x, int64_t K, const int NC, float *out,
+                                int64_t ldo, const float *bias) {
+    __m256 acc[2][4];
+    #pragma GCC unroll 8
+    for (int c = 0; c < NC; c++)
+        #pragma GCC unroll 8
+        for (int r = 0; r < 4; r++) acc[c][r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 w0 = _mm256_loadu_ps(w[0] + k), w1 = _mm256_loadu_ps(w[1] + k);
+        __m256 w2 = _mm256_loadu_ps(w[2] + k), w3 = _mm256_loadu_ps(w[3] + k);
+        #pragma GCC unroll 8
+        for (int c = 0; c < NC; c++) {
+            __m256 xv = _mm256_loadu_ps(x + c * K + k);
+            acc[c][0] = _mm256_fmadd_ps(w0, xv, acc[c][0]);
+            acc[c][1] = _mm256_fmadd_ps(w1, xv, acc[c][1]);
+            acc[c][2] = _mm256_fmadd_ps(w2, xv, acc[c][2]);
+            acc[c][3] = _mm256_fmadd_ps(w3, xv, acc[c][3]);
+        }
+    }
+    if (k < K) {
+        __m256i m = tail_mask_256(K - k);
+        __m256 w0 = _mm256_maskload_ps(w[0] + k, m), w1 = _mm256_maskload_ps(w[1] + k, m);
+        __m256 w2 = _mm256_maskload_ps(w[2] + k, m), w3 = _mm256_maskload_ps(w[3] + k, m);
+        #pragma GCC unroll 8
+        for (int c = 0; c < NC; c++) {
+            __m256 xv = _mm256_maskload_ps(x + c * K + k, m);
+            acc[c][0] = _mm256_fmadd_ps(w0, xv, acc[c][0]);
+            acc[c][1] = _mm256_fmadd_ps(w1, xv, acc[c][1]);
+            acc[c][2] = _mm256_fmadd_ps(w2, xv, acc[c][2]);
+            acc[c][3] = _mm256_fmadd_ps(w3, xv, acc[c][3]);
+        }
+    }
+    #pragma GCC unroll 8
+    for (int c = 0; c < NC; c++) {
+        float s[4];
+        _mm_storeu_ps(s, hsum4_avx2(acc[c][0], acc[c][1], acc[c][2], acc[c][3]));
+        #pragma GCC unroll 8
+        for (int r = 0; r < nr; r++) out[c * ldo + r] = bias ? s[r] + bias[r] : s[r];
+    }
+}
+
+T256 static void dot_tile_256(const float *const *w, int nr, const float *x, int64_t N, int64_t K, float *out,
+                              int64_t ldo, const float *bias) {
+    int64_t n = 0;
+    for (; n + 2 <= N; n += 2) dot_block_256(w, nr, x + n * K, K, 2, out + n * ldo, ldo, bias);
+    if (n < N) dot_block_256(w, nr, x + n * K, K, 1, out + n * ldo, ldo, bias);
+}
+
+/* out[c*ldo + k] += sum_{r < NR} g[c*ldg + r] * w[r][k] for c < NC (<= 2), k < K */
+INLINE T256 void axpy_block_256(const float *const *w, const int NR, const float *g, int64_t ldg, const int NC,
+                                 int64_t K, float *out, int64_t ldo) {
+    __m256 gv[2][4], wv[4];
+    #pragma GCC unroll 8
+    for (int c = 0; c < NC; c++)
+        #pragma GCC unroll 8
+        for (int r = 0; r < NR; r++) gv[c][r] = _mm256_set1_ps(g[c * ldg + r]);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        #pragma GCC unroll 8
+        for (int r = 0; r < NR; r++) wv[r] = _mm256_loadu_ps(w[r] + k);
+        #pragma GCC unroll 8
+        for (int c = 0; c < NC; c++) {
+            __m256 o = _mm256_loadu_ps(out + c * ldo + k);
+            #pragma GCC unroll 8
+            for (int r = 0; r < NR; r++) o = _mm256_fmadd_ps(gv[c][r], wv[r], o);
+            _mm256_storeu_ps(out + c * ldo + k, o);
+        }
+    }
+    if (k < K) {
+        __m256i m = tail_mask_256(K - k);
+        #pragma GCC unroll 8
+        for (int r = 0; r < NR; r++) wv[r] = _mm256_maskload_ps(w[r] + k, m);
+        #pragma GCC unroll 8
+        for (int c = 0; c < NC; c++) {
+            __m256 o = _mm256_maskload_ps(out + c * ldo + k, m);
+            #pragma GCC unroll 8
+            for (int r = 0; r < NR; r++) o = _mm256_fmadd_ps(gv[c][r], wv[r], o);
+            _mm256_maskstore_ps(out + c * ldo + k, m, o);
+        }
+    }
+}
+
+INLINE T256 void axpy_rows_256(const float *const *w, const int NR, const float *g, int64_t ldg, int64_t N,
+                                int64_t K, float *out, int64_t ldo) {
+    int64_t n = 0;
+    for (; n + 2 <= N; n += 2) axpy_block_256(w, NR, g + n * ldg, ldg, 2, K, out + n * ldo, ldo);
+    if (n < N) axpy_block_256(w, NR, g + n * ldg, ldg, 1, K, out + n * ldo, ldo);
+}
+
+T256 static void axpy_tile_256(const float *const *w, int nr, const float *g, int64_t ldg, int64_t N, int64_t K,
+                               float *out, int64_t ldo) {
+    switch (nr) {
+    case 4: axpy_rows_256(w, 4, g, ldg, N, K, out, ldo); break;
+    case 3: axpy_rows_256(w, 3, g, ldg, N, K, out, ldo); break;
+    case 2: axpy_rows_256(w, 2, g, ldg, N, K, out, ldo); break;
+    default: axpy_rows_256(w, 1, g, ldg, N, K, out, ldo); break;
+    }
+}
+#endif /* MATMUL_X86 */
+
+/* ------------------------------------------------------------------------------------------ */
+/* 4. dispatch                                                                                 */
+
+typedef struct {
+    const char *name;
+    void (*dequant)(int type, const uint8_t *row, int64_t k0, int64_t k1, float *y);
+    void (*dot_tile)(const float *const *w, int nr, const float *x, int64_t N, int64_t K, float *out, int64_t ldo,
+                     const float *bias);
+    void (*axpy_tile)(const float *const *w, int nr, const float *g, int64_t ldg, int64_t N, int64_t K, float *out,
+                      int64_t ldo);
+} Isa;
+
+static const Isa ISAS[] = {
+#ifdef MATMUL_X86
+    {"avx512", dequant_512, dot_tile_512, axpy_tile_512},
+    {"avx2", dequant_256, dot_tile_256, axpy_tile_256},
+#endif
+    {"baseline", dequant_base, dot_tile_base, axpy_tile_base},
+};
+#define N_ISAS ((int)(sizeof ISAS / sizeof ISAS[0]))
+
+static int cpu_has(const Isa *isa) {
+#ifdef MATMUL_X86
+    if (strcmp(isa->name, "avx512") == 0)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
+    if (strcmp(isa->name, "avx2") == 0)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx");
+#endif
+    return strcmp(isa->name, "baseline") == 0;
+}
+
+static const Isa *find_isa(const char *name) {
+    for (int i = 0; name && i < N_ISAS; i++)
+        if (strcmp(ISAS[i].name, name) == 0) return cpu_has(&ISAS[i]) ? &ISAS[i] : NULL;
+    return NULL;
+}
+
+/* the variant in use: resolved once (FACTRACE_ISA if set and supported, else the best the CPU has) */
+static const Isa *isa_current;
+
+static const Isa *isa(void) {
+    const Isa *i = __atomic_load_n(&isa_current, __ATOMIC_ACQUIRE);
+    if (i) return i;
+#ifdef MATMUL_X86
+    __builtin_cpu_init();
+#endif
+    i = find_isa(getenv("FACTRACE_ISA"));
+    for (int k = 0; !i && k < N_ISAS; k++)
+        if (cpu_has(&ISAS[k])) i = &ISAS[k];
+    __atomic_store_n(&isa_current, i, __ATOMIC_RELEASE); /* racing resolvers store the same value */
+    return i;
+}
+
+const char *mat_isa(void) { return isa()->name; }
+
+int mat_isa_supported(const char *name) {
+    isa();
+    return find_isa(name) != NULL;
+}
+
+int mat_set_isa(const char *name) {
+    isa();
+    const Isa *i = find_isa(name);
+    if (!i) return -1;
+    __atomic_store_n(&isa_current, i, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* 5. drivers                                                                                  */
+
+/* Smallest N that takes the many-rows (sgemm) regime, per type; measured with benchmarks/matmul.py
+ * (2 threads, AVX-512, GPT-2 / Llama shapes): see the report in the commit that set them. */
+int64_t mat_crossover(int type, int transposed) {
+    if (transposed) return 48;
+    switch (type) {
+    case 0: return 64;
+    default: return 64;
+    }
+}
+
+#define PANEL_BYTES (384 * 1024) /* float32 weight panel of the many-rows regime: fits L2 with room */
+
+static int f32_in_place(const Mat *W) { return W->type == T_F32 && (uintptr_t)W->data % sizeof(float) == 0; }
+static const uint8_t *row_ptr(const Mat *W, int64_t r) { return W->data + r * W->row_bytes; }
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+static int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
+static int fits_int(int64_t a) { return a <= 0x7fffffff; }
+
+void mat_rows_f32(const Mat *W, int64_t r0, int64_t r1, float *out) {
+    const Isa *i = isa();
+    for (int64_t r = r0; r < r1; r++) i->dequant(W->type, row_ptr(W, r), 0, W->n_in, out + (r - r0) * W->n_in);
+}
+
+typedef struct {
+    const Isa *isa;
+    const Mat *W;
+    const float *x;    /* (N, n_in) for mat_mul, g (N, n_out) for mat_mul_t */
+    int64_t N;
+    float *out;        /* (N, n_out) for mat_mul, (N, n_in) for mat_mul_t */
+    const float *bias; /* (n_out,) or NULL */
+    int64_t step;      /* rows (mat_mul) or columns (mat_mul_t) per panel */
+    float *scratch;    /* per thread: `per` floats */
+    int64_t per;
+} Job;
+
+static float *thread_buf(const Job *j, int tid) { return j->scratch ? j->scratch + tid * j->per : NULL; }
+
+/* few rows, rows o..o+nr-1 of W (nr <= TILE_ROWS): out[:, o:o+nr] = x @ W[o:o+nr]^T (+ bias) */
+static void few_tile(const Job *j, int64_t o, int nr, float *buf /* (TILE_ROWS, K) */) {
+    const Mat *W = j->W;
+    int64_t K = W->n_in;
+    const float *w[TILE_ROWS] = {NULL};
+    for (int r = 0; r < TILE_ROWS; r++) {
+        if (r >= nr) {
+            w[r] = w[0]; /* padding rows: computed, dropped */
+        } else if (f32_in_place(W)) {
+            w[r] = (const float *)row_ptr(W, o + r);
+        } else {
+            j->isa->dequant(W->type, row_ptr(W, o + r), 0, K, buf + r * K);
+            w[r] = buf + r * K;
+        }
+    }
+    j->isa->dot_tile(w, nr, j->x, j->N, K, j->out + o, W->n_out, j->bias ? j->bias + o : NULL);
+}
+
+static void few_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const Job *j = ctx;
+    for (int64_t o = lo; o < hi; o += TILE_ROWS) {
+        int nr = (int)min64(TILE_ROWS, hi - o);
+        few_tile(j, o, nr, thread_buf(j, tid));
+    }
+}
+
+/* many rows, rows lo..hi-1 of W: unpack to float32 (F32: in place), one single-threaded sgemm */
+static void many_panel(const Job *j, int64_t lo, int64_t hi, float *buf /* (step, K) */) {
+    const Mat *W = j->W;
+    int64_t K = W->n_in, P = hi - lo, ldo = W->n_out;
+    const float *panel = (const float *)row_ptr(W, lo); /* (P, K) */
+    if (!f32_in_place(W)) {
+        for (int64_t r = lo; r < hi; r++) j->isa->dequant(W->type, row_ptr(W, r), 0, K, buf + (r - lo) * K);
+        panel = buf;
+    }
+    float *out = j->out + lo;
+    if (j->bias)
+        for (int64_t n = 0; n < j->N; n++) memcpy(out + n * ldo, j->bias + lo, sizeof(float) * (size_t)P);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)j->N, (int)P, (int)K, 1.0f, j->x, (int)K, panel, (int)K,
+                j->bias ? 1.0f : 0.0f, out, (int)ldo);
+}
+
+static void many_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const Job *j = ctx;
+    for (int64_t a = lo; a < hi; a += j->step) many_panel(j, a, min64(hi, a + j->step), thread_buf(j, tid));
+}
+
+/* few rows, transposed, columns lo..hi-1 (block multiples): out[:, lo:hi] = g @ W[:, lo:hi] */
+static void few_t_panel(const Job *j, int64_t lo, int64_t hi, float *buf /* (TILE_ROWS, step) */) {
+    const Mat *W = j->W;
+    int64_t kc = hi - lo, ldo = W->n_in, n_out = W->n_out;
+    for (int64_t n = 0; n < j->N; n++) memset(j->out + n * ldo + lo, 0, sizeof(float) * (size_t)kc);
+    for (int64_t o = 0; o < n_out; o += TILE_ROWS) {
+        int nr = (int)min64(TILE_ROWS, n_out - o);
+        const float *w[TILE_ROWS] = {NULL};
+        for (int r = 0; r < nr; r++) {
+            if (f32_in_place(W)) {
+                w[r] = (const float *)row_ptr(W, o + r) + lo;
+            } else {
+                j->isa->dequant(W->type, row_ptr(W, o + r), lo, hi, buf + r * kc);
+                w[r] = buf + r * kc;
+            }
+        }
+        j->isa->axpy_tile(w, nr, j->x + o, n_out, j->N, kc, j->out + lo, ldo);
+    }
+}
+
+static void few_t_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const Job *j = ctx;
+    for (int64_t a = lo; a < hi; a += j->step) few_t_panel(j, a, min64(hi, a + j->step), thread_buf(j, tid));
+}
+
+/* many rows, transposed, columns lo..hi-1: out[:, lo:hi] = sum over row blocks of g[:, o0:o1] @ W[o0:o1, lo:hi] */
+static void many_t_panel(const Job *j, int64_t lo, int64_t hi, float *buf /* (per / step, step) */) {
+    const Mat *W = j->W;
+    int64_t kc = hi - lo, K = W->n_in, n_out = W->n_out;
+    int64_t rows = buf ? j->per / j->step : n_out; /* rows per block */
+    for (int64_t o0 = 0; o0 < n_out; o0 += rows) {
+        int64_t o1 = min64(n_out, o0 + rows), ldw = K;
+        const float *panel = (const float *)row_ptr(W, o0) + lo; /* (o1-o0, kc), ldw apart */
+        if (buf) {
+            for (int64_t o = o0; o < o1; o++) j->isa->dequant(W->type, row_ptr(W, o), lo, hi, buf + (o - o0) * kc);
+            panel = buf;
+            ldw = kc;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)j->N, (int)kc, (int)(o1 - o0), 1.0f, j->x + o0,
+                    (int)n_out, panel, (int)ldw, o0 ? 1.0f : 0.0f, j->out + lo, (int)K);
+    }
+}
+
+static void many_t_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const Job *j = ctx;
+    for (int64_t a = lo; a < hi; a += j->step) many_t_panel(j, a, min64(hi, a + j->step), thread_buf(j, tid));
+}
+
+/* runs fn over n items in chunks of `step` with `per` floats of scratch per thread */
+static int run(Pool *pool, Job *j, int64_t step, int64_t per, int64_t n, RangeFn fn) {
+    j->step = step;
+    j->per = per;
+    j->scratch = NULL;
+    if (per > 0) {
+        j->scratch = malloc(sizeof(float) * (size_t)(per * pool_threads(pool)));
+        if (!j->scratch) return -1;
+    }
+    pool_for(pool, n, step, fn, j);
+    free(j->scratch);
+    return 0;
+}
+
+int mat_mul_path(Pool *pool, float *out, const float *x, int64_t N, const Mat *W, const float *bias, int path) {
+    int64_t rb, n_out = W->n_out, K = W->n_in;
+    if (N < 0 || n_out < 0 || mat_row_bytes(W->type, K, &rb) || W->row_bytes != rb) return -1;
+    if (N == 0 || n_out == 0) return 0;
+    if (K == 0) {
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t o = 0; o < n_out; o++) out[n * n_out + o] = bias ? bias[o] : 0.0f;
+        return 0;
+    }
+    int threads = pool_threads(pool);
+    int can_many = fits_int(N) && fits_int(n_out) && fits_int(K);
+    if (path == MAT_AUTO) path = N >= mat_crossover(W->type, 0) ? MAT_MANY : MAT_FEW;
+    Job j = {.isa = isa(), .W = W, .x = x, .N = N, .out = out, .bias = bias};
+    if (path == MAT_MANY && can_many) {
+        /* panels of P rows: P*K floats within PANEL_BYTES, a multiple of 16, two or more per thread */
+        int64_t P = max64(16, PANEL_BYTES / (4 * K) / 16 * 16);
+        P = min64(P, max64(16, round_up((n_out + 2 * threads - 1) / (2 * threads), 16)));
+        return run(pool, &j, P, f32_in_place(W) ? 0 : P * K, n_out, many_range);
+    }
+    /* chunks of TILE_ROWS-multiples, about 8 per thread, at most 64 rows */
+    int64_t step = round_up(min64(64, max64(TILE_ROWS, n_out / (8 * threads))), TILE_ROWS);
+    return run(pool, &j, step, f32_in_place(W) ? 0 : TILE_ROWS * K, n_out, few_range);
+}
+
+int mat_mul(Pool *pool, float *out, const float *x, int64_t N, const Mat *W, const float *bias) {
+    return mat_mul_path(pool, out, x, N, W, bias, MAT_AUTO);
+}
+
+int mat_mul_t_path(Pool *pool, float *out, const float *g, int64_t N, const Mat *W, int path) {
+    int64_t rb, n_out = W->n_out, K = W->n_in;
+    if (N < 0 || n_out < 0 || mat_row_bytes(W->type, K, &rb) || W->row_bytes != rb) return -1;
+    if (N == 0 || K == 0) return 0;
+    if (n_out == 0) {
+        memset(out, 0, sizeof(float) * (size_t)(N * K));
+        return 0;
+    }
+    int threads = pool_threads(pool);
+    int64_t bs = quant_type((uint32_t)W->type)->block_size;
+    int can_many = fits_int(N) && fits_int(n_out) && fits_int(K);
+    if (path == MAT_AUTO) path = N >= mat_crossover(W->type, 1) ? MAT_MANY : MAT_FEW;
+    Job j = {.isa = isa(), .W = W, .x = g, .N = N, .out = out};
+    if (path == MAT_MANY && can_many) {
+        /* column panels: about 2 per thread, 64..512 wide; row blocks within PANEL_BYTES */
+        int64_t kc = round_up(min64(512, max64(64, K / (2 * threads))), bs);
+        int64_t rows = max64(16, PANEL_BYTES / (4 * kc));
+        return run(pool, &j, kc, f32_in_place(W) ? 0 : rows * kc, K, many_t_range);
+    }
+    /* column chunks: about 4 per thread, at most 256 wide, block multiples */
+    int64_t kc = round_up(min64(256, max64(16, K / (4 * threads))), bs);
+    return run(pool, &j, kc, f32_in_place(W) ? 0 : TILE_ROWS * kc, K, few_t_range);
+}
+
+int mat_mul_t(Pool *pool, float *out, const float *g, int64_t N, const Mat *W) {
+    return mat_mul_t_path(pool, out, g, N, W, MAT_AUTO);
+}
