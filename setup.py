@@ -77,13 +77,13 @@ common = dict(
     extra_link_args=ldflags,
 )
 
-# The loops between matrix products (norms, activations, attention of short sequences) run on a small
-# pthread pool of csrc/pool.c, one per forward call, sized like OpenBLAS's thread count. (Not OpenMP: in
-# a process that imported torch first, torch's spinning libgomp would serve the parallel regions and
-# starve OpenBLAS's threads.)
+# Every matrix product (csrc/matmul.c, weights as stored) and the loops between them run on a pthread pool
+# of csrc/pool.c owned by each model (factrace.Model.set_num_threads); OpenBLAS is kept single-threaded
+# and called from the pool's threads. (Not OpenMP: in a process that imported torch first, torch's
+# spinning libgomp would serve the parallel regions and starve the other threads.)
 core = Extension(
     "factrace._core",
-    sources=["csrc/module.c", "csrc/forward.c", "csrc/pool.c", "csrc/convert.c"],
+    sources=["csrc/module.c", "csrc/forward.c", "csrc/matmul.c", "csrc/quant.c", "csrc/pool.c", "csrc/convert.c"],
     library_dirs=blas["library_dirs"],
     libraries=blas["libraries"] + ["m"],
     **{**common, "extra_compile_args": cflags + ["-pthread"],

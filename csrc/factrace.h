@@ -4,13 +4,17 @@
  *   N   rows of a batch (all sequences' new tokens stacked)      d   d_model
  *   L   layers     H  query heads     KV  key/value heads        dh  d_head
  *   F   MLP width  V  vocabulary      P   key positions seen by a query (prefix + new)
- * Activations are float32, row-major. Linear weights are (out, in) row-major like torch nn.Linear.
+ * Activations are float32, row-major. Linear weights are (out, in) like torch nn.Linear, kept in the
+ * format they are stored in (Mat, csrc/matmul.h); norms, biases and learned positions are float32.
  */
 #ifndef FACTRACE_H
 #define FACTRACE_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "matmul.h" /* Mat: a weight matrix as stored (F32, F16, BF16, GGML blocks) */
+#include "pool.h"
 
 enum { NORM_LAYER = 0, NORM_RMS = 1 };
 enum { ACT_GELU_TANH = 0, ACT_SILU = 1, ACT_GELU_ERF = 2, ACT_RELU = 3 };
@@ -49,22 +53,24 @@ typedef struct {
 
 typedef struct {
     const float *ln1_w, *ln1_b;            /* (d,) norm before attention; b only for LayerNorm */
-    const float *W_Q, *b_Q;                /* (H*dh, d), (H*dh,) */
-    const float *W_K, *b_K, *W_V, *b_V;    /* (KV*dh, d), (KV*dh,) */
+    Mat W_QKV; const float *b_QKV;         /* (H*dh + 2*KV*dh, d): q, k, v rows fused at load, or data NULL */
+    Mat W_Q; const float *b_Q;             /* (H*dh, d), (H*dh,) */
+    Mat W_K, W_V; const float *b_K, *b_V;  /* (KV*dh, d), (KV*dh,) */
     const float *q_norm_w, *k_norm_w;      /* (dh,) */
-    const float *W_O, *b_O;                /* (d, H*dh), (d,) */
+    Mat W_O; const float *b_O;             /* (d, H*dh), (d,) */
     const float *post_attn_norm_w;         /* (d,) Gemma */
     const float *ln2_w, *ln2_b;            /* (d,) norm before the MLP */
-    const float *W_gate, *b_gate, *W_up, *b_up; /* (F, d), (F,) */
-    const float *W_down, *b_down;          /* (d, F), (d,) */
+    Mat W_gate_up; const float *b_gate_up; /* (2F, d): gate then up rows fused at load, or data NULL */
+    Mat W_gate, W_up; const float *b_gate, *b_up; /* (F, d), (F,) */
+    Mat W_down; const float *b_down;       /* (d, F), (d,) */
     const float *post_mlp_norm_w;          /* (d,) Gemma */
 } LayerWeights;
 
 typedef struct {
-    const float *W_E;     /* (V, d) token embedding */
+    Mat W_E;              /* (V, d) token embedding (rows gathered, dequantized) */
     const float *W_pos;   /* (n_ctx, d) learned positions or NULL */
     const float *ln_f_w, *ln_f_b; /* (d,) final norm */
-    const float *W_U;     /* (V, d) unembedding (may equal W_E) */
+    Mat W_U;              /* (V, d) unembedding (may share W_E's data) */
     LayerWeights *layers; /* (L,) */
 } Weights;
 
@@ -110,8 +116,9 @@ typedef struct {
 
 /* forward.c: runs blocks start_layer .. end_layer-1 on the embeddings of ids, or on resid_in (N, d) if
  * given. With end_layer < L the pass stops there: resid_final receives the residual stream after block
- * end_layer-1 and no logits are computed. */
-int model_forward(const Model *m, const Batch *b, const int32_t *ids, const float *resid_in,
+ * end_layer-1 and no logits are computed. pool: the threads to run on (NULL: the calling thread only);
+ * the caller owns it and must not use it elsewhere during the call. */
+int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids, const float *resid_in,
                   int start_layer, int end_layer, const Patch *patches, int64_t n_patches,
                   const EdgeBlock *blocks, int64_t n_blocks, Capture *cap, char *err, size_t errlen);
 

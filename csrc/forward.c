@@ -33,24 +33,40 @@ static int64_t grain_of(const Pool *pool, int64_t n, int64_t per_item) {
 /* ------------------------------------------------------------------------------------------ */
 /* elementary operations                                                                       */
 
-typedef struct { float *out; const float *bias; int n_out; } BiasLoop;
-
-static void bias_fill_range(void *ctx, int64_t lo, int64_t hi, int tid) {
-    BiasLoop *a = ctx;
-    for (int64_t i = lo; i < hi; i++) memcpy(a->out + i * a->n_out, a->bias, sizeof(float) * a->n_out);
+/* out (N, W->n_out) = x (N, W->n_in) @ W^T + bias (n_out,) when given. Every projection goes through the
+ * matrix-product layer (csrc/matmul.c), which reads the weight in its stored format (F32, F16, BF16, GGML
+ * blocks) and splits the output features over the pool's threads. Sets *oom when out of memory. */
+static void project(Pool *pool, int *oom, float *out, const float *x, int64_t N, const Mat *W, const float *bias) {
+    if (N > 0 && mat_mul(pool, out, x, N, W, bias)) *oom = 1;
 }
 
-/* out (N, n_out) = x (N, n_in) @ W^T (W: (n_out, n_in)) + bias (n_out,). With a bias, out starts as the
- * bias rows and the product is accumulated into it (beta = 1), as torch's addmm does for nn.Linear. */
-static void matmul(Pool *pool, float *out, const float *x, const float *W, const float *bias, int64_t N, int n_in,
-                   int n_out) {
-    if (N <= 0) return;
-    if (bias) {
-        BiasLoop a = {out, bias, n_out};
-        pool_for(pool, N, grain_of(pool, N, n_out), bias_fill_range, &a);
+typedef struct { float *q, *k, *v; const float *qkv; int qd, kvd; } SplitLoop;
+
+static void split_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+    SplitLoop *a = ctx;
+    int64_t w = a->qd + 2 * a->kvd;
+    for (int64_t r = lo; r < hi; r++) {
+        const float *src = a->qkv + r * w;
+        memcpy(a->q + r * a->qd, src, sizeof(float) * a->qd);
+        memcpy(a->k + r * a->kvd, src + a->qd, sizeof(float) * a->kvd);
+        memcpy(a->v + r * a->kvd, src + a->qd + a->kvd, sizeof(float) * a->kvd);
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, n_out, n_in, 1.0f, x, n_in, W, n_in,
-                bias ? 1.0f : 0.0f, out, n_out);
+}
+
+/* q (N, H*dh), k, v (N, KV*dh) = h (N, d) through W_Q, W_K, W_V (+ biases). With the three fused at load
+ * (lw->W_QKV): one product into qkv (N, H*dh + 2*KV*dh), whose column blocks are then copied out. */
+static void qkv_rows(Pool *pool, int *oom, float *q, float *k, float *v, float *qkv, const float *h, int64_t N,
+                     const LayerWeights *lw, const Config *c) {
+    int qd = c->n_heads * c->d_head, kvd = c->n_kv_heads * c->d_head;
+    if (lw->W_QKV.data && qkv) {
+        project(pool, oom, qkv, h, N, &lw->W_QKV, lw->b_QKV);
+        SplitLoop a = {q, k, v, qkv, qd, kvd};
+        pool_for(pool, N, grain_of(pool, N, qd + 2 * kvd), split_range, &a);
+        return;
+    }
+    project(pool, oom, q, h, N, &lw->W_Q, lw->b_Q);
+    project(pool, oom, k, h, N, &lw->W_K, lw->b_K);
+    project(pool, oom, v, h, N, &lw->W_V, lw->b_V);
 }
 
 typedef struct { float *x; const float *y; } AddLoop;
@@ -170,36 +186,48 @@ static void rope_head(float *x, int dh, int pos, const float *inv_freq, float ms
     }
 }
 
-typedef struct { float *up; const float *gate; int act; } ActLoop;
+typedef struct { float *out; const float *gate, *up; int64_t ld; int F, act; } ActLoop;
 
-/* up = act(gate) * up (gated MLP) or act(up); one loop per common activation so that it vectorizes */
+/* Rows lo .. hi-1: out[r] (F,) = act(gate[r]) * up[r] (gated MLP) or act(up[r]); gate and up rows are ld
+ * floats apart (F, or 2F when gate and up come from one fused product); out may be up. One loop per
+ * common activation so that it vectorizes. */
 VECTOR_CLONES static void act_range(void *ctx, int64_t lo, int64_t hi, int tid) {
     ActLoop *a = ctx;
-    float *up = a->up;
-    const float *g = a->gate;
-    if (g && a->act == ACT_SILU)
-        for (int64_t i = lo; i < hi; i++) up[i] = silu(g[i]) * up[i];
-    else if (g && a->act == ACT_GELU_TANH)
-        for (int64_t i = lo; i < hi; i++) up[i] = gelu_tanh(g[i]) * up[i];
-    else if (g)
-        for (int64_t i = lo; i < hi; i++) up[i] = act_one(g[i], a->act) * up[i];
-    else if (a->act == ACT_GELU_TANH)
-        for (int64_t i = lo; i < hi; i++) up[i] = gelu_tanh(up[i]);
-    else
-        for (int64_t i = lo; i < hi; i++) up[i] = act_one(up[i], a->act);
+    int F = a->F;
+    for (int64_t r = lo; r < hi; r++) {
+        float *o = a->out + r * F;
+        const float *u = a->up + r * a->ld, *g = a->gate ? a->gate + r * a->ld : NULL;
+        if (g && a->act == ACT_SILU)
+            for (int j = 0; j < F; j++) o[j] = silu(g[j]) * u[j];
+        else if (g && a->act == ACT_GELU_TANH)
+            for (int j = 0; j < F; j++) o[j] = gelu_tanh(g[j]) * u[j];
+        else if (g)
+            for (int j = 0; j < F; j++) o[j] = act_one(g[j], a->act) * u[j];
+        else if (a->act == ACT_GELU_TANH)
+            for (int j = 0; j < F; j++) o[j] = gelu_tanh(u[j]);
+        else
+            for (int j = 0; j < F; j++) o[j] = act_one(u[j], a->act);
+    }
 }
 
 /* out (N, d) = MLP(x (N, d)): h = norm(x); down(act(gate h) * up h) or down(act(up h)); Gemma: then the
- * post-MLP norm. h (N, d), up, gate (N, F) scratch. */
-static void mlp_rows(Pool *pool, float *out, float *h, float *up, float *gate, const float *x, int64_t N,
+ * post-MLP norm. h (N, d), up (N, F), gate (N, 2F) scratch: with gate and up fused at load
+ * (lw->W_gate_up) one product fills gate with [gate | up] rows. */
+static void mlp_rows(Pool *pool, int *oom, float *out, float *h, float *up, float *gate, const float *x, int64_t N,
                      const LayerWeights *lw, const Config *c) {
     int d = c->d_model, F = c->d_mlp;
     norm_rows(pool, h, NULL, x, N, d, lw->ln2_w, lw->ln2_b, c->norm_eps, c->norm);
-    matmul(pool, up, h, lw->W_up, lw->b_up, N, d, F);
-    if (c->gated_mlp) matmul(pool, gate, h, lw->W_gate, lw->b_gate, N, d, F);
-    ActLoop a = {up, c->gated_mlp ? gate : NULL, c->act};
-    pool_for(pool, N * F, grain_of(pool, N * F, 8), act_range, &a);
-    matmul(pool, out, up, lw->W_down, lw->b_down, N, F, d);
+    ActLoop a = {up, c->gated_mlp ? gate : NULL, up, F, F, c->act};
+    if (c->gated_mlp && lw->W_gate_up.data) {
+        project(pool, oom, gate, h, N, &lw->W_gate_up, lw->b_gate_up);
+        a.up = gate + F;
+        a.ld = 2 * F;
+    } else {
+        project(pool, oom, up, h, N, &lw->W_up, lw->b_up);
+        if (c->gated_mlp) project(pool, oom, gate, h, N, &lw->W_gate, lw->b_gate);
+    }
+    pool_for(pool, N, grain_of(pool, N, (int64_t)F * 8), act_range, &a);
+    project(pool, oom, out, up, N, &lw->W_down, lw->b_down);
     if (c->post_norms) norm_rows(pool, out, NULL, out, N, d, lw->post_mlp_norm_w, NULL, c->norm_eps, NORM_RMS);
 }
 
@@ -226,7 +254,7 @@ static void rope_rows(Pool *pool, float *x, int64_t N, int nh, const int *pos, c
 /* ------------------------------------------------------------------------------------------ */
 /* attention                                                                                    */
 
-/* Sequences with at least this many new rows attend through matrix products (attend_heads_gemm). */
+/* Sequences with at least this many new rows attend through matrix products (attend_head_gemm). */
 #define ATTN_GEMM_MIN_ROWS 32
 
 /* Softmax of one row of scores in place (used by both attention paths): keys j < lo or
@@ -259,72 +287,52 @@ static int softmax_row(float *s, int P, int lo, int pos, const unsigned char *bl
     return 0;
 }
 
-/* attend_sequence through two sgemms per head (same arguments; sw: (n, P) scratch, or NULL when probs
- * is given, whose (H, n, P) blocks are then used in place). Per head h with kv head kh:
- *   S (n, P) = q[:, h] (n, dh; row stride H*dh) @ k[:, kh]^T (dh, P; k rows of stride KV*dh)
+/* One query head h over one sequence through two single-threaded sgemms (the pool's threads run several
+ * heads at once):
+ *   S (n, P) = q_h (n, dh; row stride H*dh) @ k^T (dh, P; rows of stride ks)
  *   S = softmax_row(S[i]) per row (masked entries exactly 0)
- *   z[:, h] (n, dh; row stride H*dh) = S (n, P) @ v[:, kh] (P, dh; row stride KV*dh)
- * A fully masked row gives z = 0, like the loop. */
-static void attend_heads_gemm(float *z, float *probs, const float *q, const float *kall, const float *vall, int n,
-                              int start, const Config *c, int window, const unsigned char *blocked, float *sw) {
-    int H = c->n_heads, dh = c->d_head, kvd = c->n_kv_heads * dh, group = c->n_heads / c->n_kv_heads;
-    int qd = H * dh, P = start + n;
-    for (int h = 0; h < H; h++) {
-        int kh = h / group;
-        float *S = probs ? probs + (int64_t)h * n * P : sw;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, P, dh, 1.0f, q + h * dh, qd, kall + kh * dh, kvd,
-                    0.0f, S, P);
-        for (int i = 0; i < n; i++) {
-            int pos = start + i;
-            int lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
-            softmax_row(S + (int64_t)i * P, P, lo, pos, blocked ? blocked + (int64_t)i * P : NULL, c);
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, dh, P, 1.0f, S, P, vall + kh * dh, kvd, 0.0f,
-                    z + h * dh, qd);
+ *   z_h (n, dh; row stride H*dh) = S (n, P) @ v (P, dh; rows of stride ks)
+ * S is the head's probability block when probs are captured, else the scratch sw (n, P). A fully masked
+ * row gives z = 0, like the loop. */
+static void attend_head_gemm(float *z, float *S, const float *q, const float *k, const float *v, int ks, int n,
+                             int start, const Config *c, int window, const unsigned char *blocked) {
+    int dh = c->d_head, qd = c->n_heads * dh, P = start + n;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, P, dh, 1.0f, q, qd, k, ks, 0.0f, S, P);
+    for (int i = 0; i < n; i++) {
+        int pos = start + i;
+        int lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
+        softmax_row(S + (int64_t)i * P, P, lo, pos, blocked ? blocked + (int64_t)i * P : NULL, c);
     }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, dh, P, 1.0f, S, P, v, ks, 0.0f, z, qd);
 }
 
-/* Causal (optionally sliding-window) attention of one sequence for all heads.
- * q (n, H*dh) rows of this sequence at absolute positions start .. start+n-1 (row stride H*dh)
- * kall, vall (P, KV*dh) keys/values of positions 0 .. P-1 with P = start + n
- * z (n, H*dh) output; probs (H, n, P) optional; blocked (n, P) bytes optional (1 = edge removed). */
-static void attend_sequence(float *z, float *probs, const float *q, const float *kall, const float *vall, int n,
-                            int start, const Config *c, int window, const unsigned char *blocked,
-                            const unsigned char *want /* (n,) rows to compute, or NULL: all */,
-                            float *scores /* (P,) scratch */) {
-    int H = c->n_heads, dh = c->d_head, kvd = c->n_kv_heads * dh, group = c->n_heads / c->n_kv_heads;
-    int P = start + n;
-    if (n >= ATTN_GEMM_MIN_ROWS && !want) { /* long sequence: matrix products per head */
-        float *sw = probs ? NULL : malloc(sizeof(float) * (size_t)n * P);
-        if (probs || sw) {
-            attend_heads_gemm(z, probs, q, kall, vall, n, start, c, window, blocked, sw);
-            free(sw);
-            return;
+/* One query head h over one sequence, row by row: dot products, softmax_row, weighted sum of values.
+ * Rows not in want (n,) are skipped (their z and probs rows are left untouched). probs: the head's (n, P)
+ * block or NULL; scores (P,) scratch. */
+static void attend_head_rows(float *z, float *probs, const float *q, const float *k, const float *v, int ks, int n,
+                             int start, const Config *c, int window, const unsigned char *blocked,
+                             const unsigned char *want, float *scores) {
+    int dh = c->d_head, qd = c->n_heads * dh, P = start + n;
+    for (int i = 0; i < n; i++) {
+        if (want && !want[i]) continue;
+        int pos = start + i;
+        int lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
+        const float *qi = q + (int64_t)i * qd;
+        for (int j = lo; j <= pos; j++) {
+            const float *kj = k + (int64_t)j * ks;
+            float s = 0.0f;
+            for (int t = 0; t < dh; t++) s += qi[t] * kj[t];
+            scores[j] = s;
         }
-    } /* short sequence (or no memory for the scratch): dot products, softmax_row, weighted sum */
-    for (int h = 0; h < H; h++) {
-        int kh = h / group;
-        for (int i = 0; i < n; i++) {
-            if (want && !want[i]) continue; /* z and probs rows of unwanted queries are left untouched */
-            int pos = start + i;
-            int lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
-            const float *qi = q + (int64_t)i * H * dh + h * dh;
-            for (int j = lo; j <= pos; j++) {
-                const float *kj = kall + (int64_t)j * kvd + kh * dh;
-                float s = 0.0f;
-                for (int t = 0; t < dh; t++) s += qi[t] * kj[t];
-                scores[j] = s;
-            }
-            softmax_row(scores, P, lo, pos, blocked ? blocked + (int64_t)i * P : NULL, c);
-            float *zi = z + (int64_t)i * H * dh + h * dh;
-            memset(zi, 0, sizeof(float) * dh);
-            if (probs) memcpy(probs + ((int64_t)h * n + i) * P, scores, sizeof(float) * P);
-            for (int j = lo; j <= pos; j++) {
-                float a = scores[j];
-                if (a == 0.0f) continue;
-                const float *vj = vall + (int64_t)j * kvd + kh * dh;
-                for (int t = 0; t < dh; t++) zi[t] += a * vj[t];
-            }
+        softmax_row(scores, P, lo, pos, blocked ? blocked + (int64_t)i * P : NULL, c);
+        float *zi = z + (int64_t)i * qd;
+        memset(zi, 0, sizeof(float) * dh);
+        if (probs) memcpy(probs + (int64_t)i * P, scores, sizeof(float) * P);
+        for (int j = lo; j <= pos; j++) {
+            float a = scores[j];
+            if (a == 0.0f) continue;
+            const float *vj = v + (int64_t)j * ks;
+            for (int t = 0; t < dh; t++) zi[t] += a * vj[t];
         }
     }
 }
@@ -359,70 +367,90 @@ typedef struct {
     int failed;
 } AttnLoop;
 
-/* Sequences lo .. hi-1 of attention_layer, with their own scratch. */
+/* The edges blocked for sequence i in layer l as an (n, P) byte mask (1 = removed) in blocked, or NULL. */
+static unsigned char *blocked_edges(const AttnLoop *a, int64_t i, unsigned char *blocked) {
+    int n = a->b->len[i], P = a->b->start[i] + n;
+    int64_t r0 = a->row0[i];
+    unsigned char *blk = NULL;
+    for (int64_t e = 0; e < a->n_blocks; e++) {
+        const EdgeBlock *eb = &a->blocks[e];
+        if (eb->layer != a->l || eb->row < r0 || eb->row >= r0 + n || eb->key < 0 || eb->key >= P) continue;
+        if (!blk) memset(blocked, 0, (size_t)n * P);
+        blk = blocked;
+        blocked[(eb->row - r0) * P + eb->key] = 1;
+    }
+    return blk;
+}
+
+/* Items lo .. hi-1 of attention_layer: item = (sequence i, kv head kh), i = item / KV. Each gathers its kv
+ * head's keys and values (prefix cache rows, then this call's rows) into (P, dh) scratch and attends for
+ * the query heads that share it: through matrix products when the sequence has at least
+ * ATTN_GEMM_MIN_ROWS new rows (and every row is wanted), else row by row. */
 static void attn_range(void *ctx, int64_t lo, int64_t hi, int tid) {
     AttnLoop *a = ctx;
     const Config *c = a->c;
     const Batch *b = a->b;
-    int H = c->n_heads, kvd = c->n_kv_heads * c->d_head, qd = H * c->d_head, l = a->l;
+    int H = c->n_heads, KV = c->n_kv_heads, dh = c->d_head, kvd = KV * dh, qd = H * dh, group = H / KV, l = a->l;
     int64_t maxn = a->maxn, maxP = a->maxP;
-    /* scratch: keys/values (P, KV*dh), scores (P,), blocked (n, P), probs (H, n, P) */
-    float *kall = malloc(sizeof(float) * maxP * kvd), *vall = malloc(sizeof(float) * maxP * kvd);
+    /* scratch: one kv head's keys/values (P, dh), scores (P,), blocked (n, P), S of the gemm path (n, P) */
+    float *kh_all = malloc(sizeof(float) * maxP * dh), *vh_all = malloc(sizeof(float) * maxP * dh);
     float *scores = malloc(sizeof(float) * (maxP + 1));
     unsigned char *blocked = a->n_blocks > 0 ? malloc((size_t)(maxn * maxP)) : NULL;
-    float *tmp = a->probs ? malloc(sizeof(float) * (size_t)H * maxn * maxP) : NULL;
-    if (!kall || !vall || !scores || (a->n_blocks > 0 && !blocked) || (a->probs && !tmp)) {
+    float *sw = maxn >= ATTN_GEMM_MIN_ROWS && !a->probs ? malloc(sizeof(float) * maxn * maxP) : NULL;
+    if (!kh_all || !vh_all || !scores || (a->n_blocks > 0 && !blocked) ||
+        (maxn >= ATTN_GEMM_MIN_ROWS && !a->probs && !sw)) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
         lo = hi;
     }
-    for (int64_t i = lo; i < hi; i++) {
-        int n = b->len[i], st = b->start[i], P = st + n;
+    for (int64_t it = lo; it < hi; it++) {
+        int64_t i = it / KV;
+        int kh = (int)(it % KV);
+        int n = b->len[i], st = b->start[i];
         int64_t r0 = a->row0[i];
         if (a->want) { /* skip sequences with no wanted row */
             int any = 0;
             for (int t = 0; t < n && !any; t++) any = a->want[r0 + t];
             if (!any) continue;
         }
-        if (st > 0) {
-            memcpy(kall, b->pk[i] + l * b->pstride, sizeof(float) * st * kvd);
-            memcpy(vall, b->pv[i] + l * b->pstride, sizeof(float) * st * kvd);
+        for (int p = 0; p < st; p++) {
+            memcpy(kh_all + (int64_t)p * dh, b->pk[i] + l * b->pstride + (int64_t)p * kvd + kh * dh, sizeof(float) * dh);
+            memcpy(vh_all + (int64_t)p * dh, b->pv[i] + l * b->pstride + (int64_t)p * kvd + kh * dh, sizeof(float) * dh);
         }
-        memcpy(kall + (int64_t)st * kvd, a->k + r0 * kvd, sizeof(float) * n * kvd);
-        memcpy(vall + (int64_t)st * kvd, a->v + r0 * kvd, sizeof(float) * n * kvd);
-        unsigned char *blk = NULL;
-        for (int64_t e = 0; e < a->n_blocks; e++) {
-            const EdgeBlock *eb = &a->blocks[e];
-            if (eb->layer != l || eb->row < r0 || eb->row >= r0 + n || eb->key < 0 || eb->key >= P) continue;
-            if (!blk) memset(blocked, 0, (size_t)n * P);
-            blk = blocked;
-            blocked[(eb->row - r0) * P + eb->key] = 1;
+        for (int t = 0; t < n; t++) {
+            memcpy(kh_all + (int64_t)(st + t) * dh, a->k + (r0 + t) * kvd + kh * dh, sizeof(float) * dh);
+            memcpy(vh_all + (int64_t)(st + t) * dh, a->v + (r0 + t) * kvd + kh * dh, sizeof(float) * dh);
         }
-        attend_sequence(a->z + r0 * qd, tmp, a->q + r0 * qd, kall, vall, n, st, c, a->window, blk,
-                        a->want ? a->want + r0 : NULL, scores);
-        if (tmp) /* layout (H, attn_total): per head, this sequence's (n, P) block */
-            for (int h = 0; h < H; h++)
-                memcpy(a->probs + (int64_t)h * a->attn_total + a->attn_off[i], tmp + (int64_t)h * n * P,
-                       sizeof(float) * n * P);
+        const unsigned char *blk = blocked_edges(a, i, blocked);
+        for (int h = kh * group; h < (kh + 1) * group; h++) {
+            /* this head's rows of q and z (row stride H*dh) and its probability block (n, P) */
+            const float *qh = a->q + r0 * qd + h * dh;
+            float *zh = a->z + r0 * qd + h * dh;
+            float *ph = a->probs ? a->probs + (int64_t)h * a->attn_total + a->attn_off[i] : NULL;
+            if (n >= ATTN_GEMM_MIN_ROWS && !a->want)
+                attend_head_gemm(zh, ph ? ph : sw, qh, kh_all, vh_all, dh, n, st, c, a->window, blk);
+            else
+                attend_head_rows(zh, ph, qh, kh_all, vh_all, dh, n, st, c, a->window, blk,
+                                 a->want ? a->want + r0 : NULL, scores);
+        }
     }
-    free(kall); free(vall); free(scores); free(blocked); free(tmp);
+    free(kh_all); free(vh_all); free(scores); free(blocked); free(sw);
 }
 
-/* One layer's attention for every sequence of the batch (on the pool, over sequences, when all are
- * short; long ones attend through matrix products, one sequence at a time). q (N, H*dh), k, v (N, KV*dh)
- * this layer's new rows; each sequence's keys/values are its prefix cache rows followed by its new rows.
- * z (N, H*dh) output; probs (H, attn_total) optional, laid out per head as each sequence's (n, P) block
- * at attn_off[s]; want (N,) optional: only these query rows are computed (their q rows are the only
- * ones read); maxn, maxP: the largest new-row count and key count of a sequence (scratch sizes).
- * Returns 0, or -1 if out of memory. */
+/* One layer's attention for every sequence of the batch, on the pool over (sequence, kv head) items.
+ * q (N, H*dh), k, v (N, KV*dh) this layer's new rows; each sequence's keys/values are its prefix cache
+ * rows followed by its new rows. z (N, H*dh) output; probs (H, attn_total) optional, laid out per head as
+ * each sequence's (n, P) block at attn_off[s]; want (N,) optional: only these query rows are computed
+ * (their q rows are the only ones read); maxn, maxP: the largest new-row count and key count of a
+ * sequence (scratch sizes). Returns 0, or -1 if out of memory. */
 static int attention_layer(Pool *pool, float *z, float *probs, int64_t attn_total, const float *q, const float *k,
                            const float *v, const Batch *b, int l, const Config *c, const EdgeBlock *blocks,
                            int64_t n_blocks, const int64_t *row0, const int64_t *attn_off, int64_t maxn,
                            int64_t maxP, const unsigned char *want) {
     AttnLoop a = {z, probs, attn_total, q, k, v, b, l, c->layer_window ? c->layer_window[l] : 0, c, blocks,
                   n_blocks, row0, attn_off, maxn, maxP, want, 0};
-    int64_t per_seq = 4 * maxn * maxP * c->n_heads * c->d_head; /* ~ floats of work per sequence */
-    Pool *p = maxn < ATTN_GEMM_MIN_ROWS ? pool : NULL;
-    pool_for(p, b->n_seq, grain_of(p, b->n_seq, per_seq), attn_range, &a);
+    int64_t items = (int64_t)b->n_seq * c->n_kv_heads;
+    int64_t per_item = 4 * maxn * maxP * (c->n_heads / c->n_kv_heads) * c->d_head; /* ~ floats of work */
+    pool_for(pool, items, grain_of(pool, items, per_item), attn_range, &a);
     return a.failed ? -1 : 0;
 }
 
@@ -430,10 +458,10 @@ static int attention_layer(Pool *pool, float *z, float *probs, int64_t attn_tota
 /* unembedding                                                                                  */
 
 /* logits (n, V) = h (n, d) @ W_U^T, then the final softcap (Gemma 2 style) if any */
-static void unembed(Pool *pool, float *logits, const float *h, int64_t n, const Model *m) {
+static void unembed(Pool *pool, int *oom, float *logits, const float *h, int64_t n, const Model *m) {
     const Config *c = &m->cfg;
     int64_t V = c->vocab_size;
-    matmul(pool, logits, h, m->w.W_U, NULL, n, c->d_model, (int)V);
+    project(pool, oom, logits, h, n, &m->w.W_U, NULL);
     if (c->final_softcap > 0.0f)
         for (int64_t i = 0; i < n * V; i++) logits[i] = c->final_softcap * tanhf(logits[i] / c->final_softcap);
 }
@@ -471,8 +499,11 @@ VECTOR_CLONES static void target_range(void *ctx, int64_t lo, int64_t hi, int ti
 /* the forward pass                                                                             */
 
 typedef struct {
-    Pool *pool;               /* threads for the loops between matrix products, or NULL */
+    Pool *pool;               /* threads of this call (owned by the caller), or NULL */
+    int oom;                  /* set by a product that ran out of memory */
     float *x, *h, *q, *k, *v, *z, *a, *up, *gate, *tmp, *rs;
+    float *qkv;               /* (N, H*dh + 2*KV*dh) output of the fused q/k/v product */
+    float *wo;                /* (d, H*dh) float32 W_O for the head_out capture, when W_O is not F32 */
     int64_t *row0, *attn_off; /* (S,) first row and attention-probability offset of each sequence */
     int *pos;                 /* (N,) absolute position of each row */
     unsigned char *want;      /* (N,) rows read after the last block (last-block pruning), or NULL */
@@ -485,8 +516,7 @@ typedef struct {
 static void scratch_free(Scratch *s) {
     free(s->x); free(s->h); free(s->q); free(s->k); free(s->v); free(s->z); free(s->a);
     free(s->up); free(s->gate); free(s->tmp); free(s->rs); free(s->row0); free(s->attn_off); free(s->pos);
-    free(s->want); free(s->wrow); free(s->wpos); free(s->set); free(s->krow);
-    pool_free(s->pool);
+    free(s->want); free(s->wrow); free(s->wpos); free(s->set); free(s->krow); free(s->qkv); free(s->wo);
 }
 
 /* dst (n, w) = rows idx[0..n) of src (., w) */
@@ -518,14 +548,14 @@ static void mlp_block(Scratch *s, const LayerWeights *lw, const Config *c, int l
             s->set[p[i].row] = 1;
         }
     if (!any) {
-        mlp_rows(s->pool, s->a, s->h, s->up, s->gate, s->x, N, lw, c);
+        mlp_rows(s->pool, &s->oom, s->a, s->h, s->up, s->gate, s->x, N, lw, c);
         return;
     }
     int64_t nk = 0; /* gather the computed rows into tmp (nk, d); MLP into h (a as scratch); scatter */
     for (int64_t r = 0; r < N; r++)
         if (!s->set[r]) s->krow[nk++] = r;
     gather_rows(s->tmp, s->x, s->krow, nk, d);
-    mlp_rows(s->pool, s->h, s->a, s->up, s->gate, s->tmp, nk, lw, c);
+    mlp_rows(s->pool, &s->oom, s->h, s->a, s->up, s->gate, s->tmp, nk, lw, c);
     for (int64_t r = 0; r < N; r++)
         if (s->set[r]) memset(s->a + r * d, 0, sizeof(float) * d);
     scatter_rows(s->a, s->h, s->krow, nk, d);
@@ -539,21 +569,21 @@ static int last_block_rows(Scratch *s, const Model *m, const Batch *b, int64_t n
                            int64_t n_patches, const EdgeBlock *blocks, int64_t n_blocks, int64_t maxn, int64_t maxP) {
     const Config *c = &m->cfg;
     int l = c->n_layers - 1, d = c->d_model, H = c->n_heads, dh = c->d_head, KV = c->n_kv_heads;
-    int qd = H * dh, kvd = KV * dh;
+    int qd = H * dh;
     const LayerWeights *lw = &m->w.layers[l];
     const int64_t *wrow = s->wrow;
 
     /* h = norm(x) (N, d); keys and values (N, KV*dh) of every row */
     norm_rows(s->pool, s->h, NULL, s->x, N, d, lw->ln1_w, lw->ln1_b, c->norm_eps, c->norm);
-    matmul(s->pool, s->k, s->h, lw->W_K, lw->b_K, N, d, kvd);
-    matmul(s->pool, s->v, s->h, lw->W_V, lw->b_V, N, d, kvd);
+    project(s->pool, &s->oom, s->k, s->h, N, &lw->W_K, lw->b_K);
+    project(s->pool, &s->oom, s->v, s->h, N, &lw->W_V, lw->b_V);
     if (c->qk_norm) head_norm_rows(s->pool, s->k, N * KV, dh, lw->k_norm_w, c->norm_eps);
     if (c->rope) rope_rows(s->pool, s->k, N, KV, s->pos, c, l);
 
     /* queries of the wanted rows: h rows gathered into tmp (nw, d), q into z (nw, H*dh), then scattered */
     gather_rows(s->tmp, s->h, wrow, nw, d);
     for (int64_t i = 0; i < nw; i++) s->wpos[i] = s->pos[wrow[i]];
-    matmul(s->pool, s->z, s->tmp, lw->W_Q, lw->b_Q, nw, d, qd);
+    project(s->pool, &s->oom, s->z, s->tmp, nw, &lw->W_Q, lw->b_Q);
     if (c->qk_norm) head_norm_rows(s->pool, s->z, nw * H, dh, lw->q_norm_w, c->norm_eps);
     if (c->rope) rope_rows(s->pool, s->z, nw, H, s->wpos, c, l);
     scatter_rows(s->q, s->z, wrow, nw, qd);
@@ -563,7 +593,7 @@ static int last_block_rows(Scratch *s, const Model *m, const Batch *b, int64_t n
 
     /* attn_out of the wanted rows: z gathered into q (nw, H*dh), projected into h (nw, d), scattered into a */
     gather_rows(s->q, s->z, wrow, nw, qd);
-    matmul(s->pool, s->h, s->q, lw->W_O, lw->b_O, nw, qd, d);
+    project(s->pool, &s->oom, s->h, s->q, nw, &lw->W_O, lw->b_O);
     if (c->post_norms) norm_rows(s->pool, s->h, NULL, s->h, nw, d, lw->post_attn_norm_w, NULL, c->norm_eps, NORM_RMS);
     scatter_rows(s->a, s->h, wrow, nw, d);
     apply_patches(s->a, d, SITE_ATTN_OUT, l, patches, n_patches, s->want);
@@ -572,7 +602,7 @@ static int last_block_rows(Scratch *s, const Model *m, const Batch *b, int64_t n
      * x), scattered into a; x += mlp_out */
     add_rows_at(s->x, s->a, wrow, nw, d);
     gather_rows(s->tmp, s->x, wrow, nw, d);
-    mlp_rows(s->pool, s->h, s->a, s->up, s->gate, s->tmp, nw, lw, c);
+    mlp_rows(s->pool, &s->oom, s->h, s->a, s->up, s->gate, s->tmp, nw, lw, c);
     scatter_rows(s->a, s->h, wrow, nw, d);
     apply_patches(s->a, d, SITE_MLP_OUT, l, patches, n_patches, s->want);
     add_rows_at(s->x, s->a, wrow, nw, d);
@@ -582,7 +612,8 @@ static int last_block_rows(Scratch *s, const Model *m, const Batch *b, int64_t n
 
 #define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); goto done; } while (0)
 
-int model_forward(const Model *m, const Batch *b, const int32_t *ids, const float *resid_in, int start_layer, int end_layer,
+int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids, const float *resid_in, int start_layer,
+                  int end_layer,
                   const Patch *patches, int64_t n_patches, const EdgeBlock *blocks, int64_t n_blocks,
                   Capture *cap, char *err, size_t errlen) {
     const Config *c = &m->cfg;
@@ -608,7 +639,7 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
     s.k = malloc(sizeof(float) * N * kvd);
     s.v = malloc(sizeof(float) * N * kvd);
     s.up = malloc(sizeof(float) * N * F);
-    s.gate = malloc(sizeof(float) * N * F);
+    s.gate = malloc(sizeof(float) * N * F * 2); /* [gate | up] rows of a fused product */
     s.tmp = malloc(sizeof(float) * ((cap->logit_rows && cap->n_logit_rows > N) ? cap->n_logit_rows : N) * d);
     s.rs = malloc(sizeof(float) * (N + 1));
     s.row0 = malloc(sizeof(int64_t) * b->n_seq);
@@ -616,11 +647,15 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
     s.pos = malloc(sizeof(int) * (N + 1));
     s.set = malloc((size_t)N + 1);
     s.krow = malloc(sizeof(int64_t) * (N + 1));
+    int fused = 0;
+    for (int l = start_layer; l < end_layer; l++) fused |= w->layers[l].W_QKV.data != NULL;
+    if (fused) s.qkv = malloc(sizeof(float) * N * (qd + 2 * kvd));
+    if (cap->head_out) s.wo = malloc(sizeof(float) * (size_t)d * qd);
     if (!s.x || !s.h || !s.a || !s.q || !s.z || !s.k || !s.v || !s.up || !s.gate || !s.tmp || !s.rs || !s.row0 ||
-        !s.attn_off || !s.pos || !s.set || !s.krow)
+        !s.attn_off || !s.pos || !s.set || !s.krow || (fused && !s.qkv) || (cap->head_out && !s.wo))
         FAIL("out of memory for a batch of %lld rows", (long long)N);
     int64_t *row0 = s.row0, *attn_off = s.attn_off;
-    if (N * d >= 4 * PAR_MIN) s.pool = pool_new(openblas_get_num_threads()); /* NULL: loops run serially */
+    s.pool = pool; /* the loops below decide by their size whether to use it (grain_of) */
 
     /* Last-block pruning: when only some rows' logits are wanted and no per-layer state or resid_final is
      * captured, the last block computes the wanted rows only (plus every row's keys and values). */
@@ -649,10 +684,10 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
     if (!resid_in) {
         int64_t r = 0;
         for (int i = 0; i < b->n_seq; i++)
-            for (int t = 0; t < b->len[i]; t++, r++) {
-                const float *e = w->W_E + (int64_t)ids[r] * d;
+            for (int t = 0; t < b->len[i]; t++, r++) { /* the token's row of W_E as float32, times the scale */
                 float *xr = s.x + r * d;
-                for (int j = 0; j < d; j++) xr[j] = e[j] * c->embed_scale;
+                mat_rows_f32(&w->W_E, ids[r], ids[r] + 1, xr);
+                for (int j = 0; j < d; j++) xr[j] = xr[j] * c->embed_scale;
             }
         apply_patches(s.x, d, SITE_EMBED, -1, patches, n_patches, NULL);
         if (c->learned_pos) {
@@ -682,9 +717,7 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
 
         /* attention: h = norm(x); q, k, v = h W^T + b */
         norm_rows(s.pool, s.h, NULL, s.x, N, d, lw->ln1_w, lw->ln1_b, c->norm_eps, c->norm);
-        matmul(s.pool, s.q, s.h, lw->W_Q, lw->b_Q, N, d, qd);
-        matmul(s.pool, s.k, s.h, lw->W_K, lw->b_K, N, d, kvd);
-        matmul(s.pool, s.v, s.h, lw->W_V, lw->b_V, N, d, kvd);
+        qkv_rows(s.pool, &s.oom, s.q, s.k, s.v, s.qkv, s.h, N, lw, c);
         if (c->qk_norm) {
             head_norm_rows(s.pool, s.q, N * H, dh, lw->q_norm_w, c->norm_eps);
             head_norm_rows(s.pool, s.k, N * KV, dh, lw->k_norm_w, c->norm_eps);
@@ -703,17 +736,23 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
         if (cap->z) memcpy(cap->z + LN * qd, s.z, sizeof(float) * N * qd);
 
         /* attn_out = z W_O^T + b_O (Gemma: then the post-attention norm) */
-        matmul(s.pool, s.a, s.z, lw->W_O, lw->b_O, N, qd, d);
+        project(s.pool, &s.oom, s.a, s.z, N, &lw->W_O, lw->b_O);
         if (c->post_norms) {
             norm_rows(s.pool, s.a, s.rs, s.a, N, d, lw->post_attn_norm_w, NULL, c->norm_eps, NORM_RMS);
             if (cap->norm_scale_attn) memcpy(cap->norm_scale_attn + LN, s.rs, sizeof(float) * N);
         }
         if (cap->head_out) {
-            /* head h: z[:, h] (N, dh) @ W_O[:, h]^T (dh -> d); Gemma: times the frozen norm factor and w */
+            /* head h: z[:, h] (N, dh) @ W_O[:, h]^T (dh -> d), W_O as float32 (dequantized into s.wo unless it
+             * is stored as F32); Gemma: times the frozen norm factor and w */
+            const float *wo = (const float *)lw->W_O.data;
+            if (lw->W_O.type != 0) {
+                mat_rows_f32(&lw->W_O, 0, d, s.wo);
+                wo = s.wo;
+            }
             for (int h = 0; h < H; h++) {
                 float *ho = cap->head_out + ((int64_t)l * H + h) * N * d;
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, d, dh, 1.0f, s.z + h * dh, qd,
-                            lw->W_O + h * dh, qd, 0.0f, ho, d);
+                            wo + h * dh, qd, 0.0f, ho, d);
                 if (c->post_norms)
                     for (int64_t i = 0; i < N; i++)
                         for (int j = 0; j < d; j++) ho[i * d + j] = lw->post_attn_norm_w[j] * (ho[i * d + j] * s.rs[i]);
@@ -730,6 +769,7 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
         if (cap->mlp_out) memcpy(cap->mlp_out + LN * d, s.a, sizeof(float) * N * d);
         add_into(s.pool, s.x, s.a, N * d);
         apply_patches(s.x, d, SITE_RESID_POST, l, patches, n_patches, NULL);
+        if (s.oom) FAIL("out of memory in the matrix products of layer %d", l);
     }
     if (cap->resid_final) memcpy(cap->resid_final, s.x, sizeof(float) * N * d);
 
@@ -741,7 +781,7 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
             float rs = norm_row(s.tmp + i * d, s.x + r * d, d, w->ln_f_w, w->ln_f_b, c->norm_eps, c->norm);
             if (cap->final_scale) cap->final_scale[i] = rs;
         }
-        if (cap->logits) unembed(s.pool, cap->logits, s.tmp, nr, m);
+        if (cap->logits) unembed(s.pool, &s.oom, cap->logits, s.tmp, nr, m);
         if (cap->target_prob) {
             /* from the captured logits, or from chunks of rows unembedded into a scratch buffer */
             int64_t chunk = cap->logits ? nr : ((1 << 22) / V > 0 ? (1 << 22) / V : 1);
@@ -751,13 +791,14 @@ int model_forward(const Model *m, const Batch *b, const int32_t *ids, const floa
             for (int64_t r0 = 0; r0 < nr; r0 += chunk) {
                 int64_t n = nr - r0 < chunk ? nr - r0 : chunk;
                 float *lg = cap->logits ? cap->logits + r0 * V : buf;
-                if (!cap->logits) unembed(s.pool, lg, s.tmp + r0 * d, n, m);
+                if (!cap->logits) unembed(s.pool, &s.oom, lg, s.tmp + r0 * d, n, m);
                 TargetLoop a = {lg, V, cap->targets + r0, cap->target_prob + r0};
                 pool_for(s.pool, n, grain_of(s.pool, n, V * 4), target_range, &a);
             }
             free(buf);
         }
     }
+    if (s.oom) FAIL("out of memory in the matrix products");
     rc = 0;
 done:
     scratch_free(&s);

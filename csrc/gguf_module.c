@@ -2,11 +2,14 @@
  *
  * Reader(path): maps and validates a GGUF file. Errors in the file raise ValueError (factrace.gguf maps
  * them to GGUFError and adds the path); OS errors raise OSError. All arrays returned are fresh copies. */
+#define _GNU_SOURCE /* madvise, MADV_DONTNEED */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <numpy/arrayobject.h>
 
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "gguf.h"
 #include "quant.h"
@@ -239,6 +242,16 @@ static const gguf_tensor *get_tensor(Reader *self, PyObject *arg) {
     return &self->f.tensors[i];
 }
 
+/* Drop the mapped pages wholly inside bytes [p, p + n) of the file from this process's memory once a tensor
+ * has been copied out (they stay in the page cache; a later read faults them back in), so that loading a
+ * model holds its weights once, not twice. */
+static void release_pages(const Reader *self, const uint8_t *p, uint64_t n) {
+    if (!self->f.mapped) return;
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = ((uintptr_t)p + page - 1) / page * page, b = ((uintptr_t)p + n) / page * page;
+    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
 /* tensor(index) -> float32 array, shape = reversed ne (numpy order) */
 static PyObject *Reader_tensor(Reader *self, PyObject *arg) {
     const gguf_tensor *t = get_tensor(self, arg);
@@ -258,6 +271,7 @@ static PyObject *Reader_tensor(Reader *self, PyObject *arg) {
     self->busy++;
     Py_BEGIN_ALLOW_THREADS
     rc = quant_dequantize(t->type, src, dst, (int64_t)t->n_elements);
+    release_pages(self, src, t->nbytes);
     Py_END_ALLOW_THREADS
     self->busy--;
     if (rc != 0) {
@@ -280,6 +294,7 @@ static PyObject *Reader_raw(Reader *self, PyObject *arg) {
     self->busy++;
     Py_BEGIN_ALLOW_THREADS
     memcpy(dst, src, (size_t)t->nbytes);
+    release_pages(self, src, t->nbytes);
     Py_END_ALLOW_THREADS
     self->busy--;
     return arr;

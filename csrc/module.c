@@ -1,7 +1,13 @@
 /* factrace._core: the Python face of the C core.
- *   Model(config: dict, weights: dict)  holds references to float32 weight arrays (no copies)
- *   Model.forward(...)                  validates every argument, then runs model_forward without the GIL
- *   convert(raw, kind) / sgemm(a, b) / set_num_threads(n) / get_num_threads() / BLAS
+ *   Model(config: dict, weights: dict, threads=1)  holds references to the weights (no copies): float32
+ *                                       arrays, and linear weights as stored (objects with .type, .shape, .data)
+ *   Model.forward(...)                  validates every argument, then runs model_forward without the GIL on the
+ *                                       model's thread pool (a second thread calling meanwhile gets its own)
+ *   Model.threads / set_threads(n)      the pool's size
+ *   matmul(x, w, bias=None, threads=1)  x @ w^T with a weight as stored (the C matrix-product layer)
+ *   dequant_rows(data, type, n_in)      rows of a stored weight as float32
+ *   convert(raw, kind) / sgemm(a, b) / BLAS
+ * OpenBLAS is kept single-threaded: factrace's own pool owns the threads (csrc/pool.c, csrc/matmul.c).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,6 +29,9 @@ typedef struct {
     LayerWeights *layers;
     int *layer_window, *layer_rope;
     float *rope_inv_freq, *rope_mscale;
+    int n_threads;  /* threads of a forward call (the caller included) */
+    Pool *pool;     /* created on first use; used by one call at a time */
+    int pool_busy;  /* atomic: a call holds the pool */
 } PyModel;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -85,6 +94,54 @@ bad:
     return NULL;
 }
 
+/* A linear weight of shape (n_out, n_in): a float32 C-contiguous array (F32), or a weight kept as stored: an
+ * object with .type (ggml type id), .shape (n_out, n_in) and .data (uint8, C-contiguous, n_out rows of the
+ * type's row bytes). Fills *out (data NULL when absent and not required); the data array is kept in refs. */
+static int get_mat(PyModel *self, PyObject *weights, const char *name, int required, npy_intp n_out, npy_intp n_in,
+                   Mat *out) {
+    memset(out, 0, sizeof *out);
+    PyObject *a = PyDict_GetItemString(weights, name);
+    if (!a || a == Py_None) {
+        if (required) PyErr_Format(PyExc_KeyError, "missing weight '%s'", name);
+        return required ? -1 : 0;
+    }
+    if (PyArray_Check(a)) {
+        if (!get_weight(self, weights, name, 1, 2, n_out, n_in)) return -1;
+        *out = (Mat){0, n_out, n_in, PyArray_DATA((PyArrayObject *)a), (int64_t)n_in * 4};
+        return 0;
+    }
+    PyObject *ot = PyObject_GetAttrString(a, "type"), *os = ot ? PyObject_GetAttrString(a, "shape") : NULL;
+    PyObject *od = os ? PyObject_GetAttrString(a, "data") : NULL;
+    int rc = -1;
+    if (!od) goto done;
+    long type = PyLong_AsLong(ot);
+    Py_ssize_t s0 = -1, s1 = -1;
+    if (PyTuple_Check(os) && PyTuple_GET_SIZE(os) == 2) {
+        s0 = PyLong_AsSsize_t(PyTuple_GET_ITEM(os, 0));
+        s1 = PyLong_AsSsize_t(PyTuple_GET_ITEM(os, 1));
+    }
+    if (PyErr_Occurred()) goto done;
+    int64_t rb = 0;
+    if (type < 0 || type > 64 || mat_row_bytes((int)type, n_in, &rb) != 0) {
+        PyErr_Format(PyExc_ValueError, "weight '%s' has a storage type (%ld) or width (%zd) the C core cannot use",
+                     name, type, (Py_ssize_t)n_in);
+        goto done;
+    }
+    PyArrayObject *d = (PyArrayObject *)od;
+    if (s0 != n_out || s1 != n_in || !PyArray_Check(od) || PyArray_TYPE(d) != NPY_UINT8 ||
+        !PyArray_IS_C_CONTIGUOUS(d) || PyArray_NBYTES(d) != (npy_intp)(rb * n_out)) {
+        PyErr_Format(PyExc_ValueError, "weight '%s' should be (%zd, %zd) with %lld bytes of uint8 data", name,
+                     (Py_ssize_t)n_out, (Py_ssize_t)n_in, (long long)(rb * n_out));
+        goto done;
+    }
+    if (PyList_Append(self->refs, od) < 0) goto done;
+    *out = (Mat){(int)type, n_out, n_in, PyArray_DATA(d), rb};
+    rc = 0;
+done:
+    Py_XDECREF(ot); Py_XDECREF(os); Py_XDECREF(od);
+    return rc;
+}
+
 #define WEIGHT(dst, req, nd, a, b)                                                                          \
     do {                                                                                                  \
         dst = get_weight(self, weights, name, req, nd, a, b);                                            \
@@ -95,6 +152,7 @@ bad:
 /* Model                                                                                        */
 
 static void Model_dealloc(PyModel *self) {
+    pool_free(self->pool);
     Py_XDECREF(self->refs);
     free(self->layers);
     free(self->layer_window);
@@ -106,9 +164,12 @@ static void Model_dealloc(PyModel *self) {
 
 static int Model_init(PyModel *self, PyObject *args, PyObject *kw) {
     PyObject *cfgd, *weights;
-    static char *kwlist[] = {"config", "weights", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!", kwlist, &PyDict_Type, &cfgd, &PyDict_Type, &weights))
+    int threads = 1;
+    static char *kwlist[] = {"config", "weights", "threads", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!|i", kwlist, &PyDict_Type, &cfgd, &PyDict_Type, &weights, &threads))
         return -1;
+    if (threads < 1 || threads > 1024) { PyErr_SetString(PyExc_ValueError, "threads must be in [1, 1024]"); return -1; }
+    self->n_threads = threads;
     if (self->refs) { PyErr_SetString(PyExc_RuntimeError, "Model already initialised"); return -1; }
     self->refs = PyList_New(0);
     if (!self->refs) return -1;
@@ -188,8 +249,7 @@ static int Model_init(PyModel *self, PyObject *args, PyObject *kw) {
     Weights *w = &self->m.w;
     const char *name;
     int V = c->vocab_size, is_ln = c->norm == NORM_LAYER;
-    name = "W_E"; WEIGHT(w->W_E, 1, 2, V, d);
-    name = "W_U"; WEIGHT(w->W_U, 1, 2, V, d);
+    if (get_mat(self, weights, "W_E", 1, V, d, &w->W_E) || get_mat(self, weights, "W_U", 1, V, d, &w->W_U)) return -1;
     name = "ln_f_w"; WEIGHT(w->ln_f_w, 1, 1, d, 0);
     name = "ln_f_b"; WEIGHT(w->ln_f_b, 0, 1, d, 0);
     if (c->learned_pos) { name = "W_pos"; WEIGHT(w->W_pos, 1, 2, c->n_ctx, d); }
@@ -199,19 +259,33 @@ static int Model_init(PyModel *self, PyObject *args, PyObject *kw) {
     for (int l = 0; l < L; l++) {
         LayerWeights *y = &self->layers[l];
 #define LW(field, req, nd, a, b) snprintf(buf, sizeof buf, "blocks.%d." #field, l); WEIGHT(y->field, req, nd, a, b)
+#define LM(field, req, a, b) snprintf(buf, sizeof buf, "blocks.%d." #field, l); \
+        if (get_mat(self, weights, buf, req, a, b, &y->field)) return -1
         LW(ln1_w, 1, 1, d, 0); LW(ln1_b, is_ln, 1, d, 0);
-        LW(W_Q, 1, 2, H * dh, d); LW(b_Q, 0, 1, H * dh, 0);
-        LW(W_K, 1, 2, KV * dh, d); LW(b_K, 0, 1, KV * dh, 0);
-        LW(W_V, 1, 2, KV * dh, d); LW(b_V, 0, 1, KV * dh, 0);
+        LM(W_QKV, 0, (H + 2 * KV) * dh, d); LW(b_QKV, 0, 1, (H + 2 * KV) * dh, 0);
+        LM(W_Q, 1, H * dh, d); LW(b_Q, 0, 1, H * dh, 0);
+        LM(W_K, 1, KV * dh, d); LW(b_K, 0, 1, KV * dh, 0);
+        LM(W_V, 1, KV * dh, d); LW(b_V, 0, 1, KV * dh, 0);
         LW(q_norm_w, c->qk_norm, 1, dh, 0); LW(k_norm_w, c->qk_norm, 1, dh, 0);
-        LW(W_O, 1, 2, d, H * dh); LW(b_O, 0, 1, d, 0);
+        LM(W_O, 1, d, H * dh); LW(b_O, 0, 1, d, 0);
         LW(post_attn_norm_w, c->post_norms, 1, d, 0);
         LW(ln2_w, 1, 1, d, 0); LW(ln2_b, is_ln, 1, d, 0);
-        LW(W_gate, c->gated_mlp, 2, F, d); LW(b_gate, 0, 1, F, 0);
-        LW(W_up, 1, 2, F, d); LW(b_up, 0, 1, F, 0);
-        LW(W_down, 1, 2, d, F); LW(b_down, 0, 1, d, 0);
+        if (c->gated_mlp) { LM(W_gate_up, 0, 2 * F, d); LW(b_gate_up, 0, 1, 2 * F, 0); }
+        LM(W_gate, c->gated_mlp, F, d); LW(b_gate, 0, 1, F, 0);
+        LM(W_up, 1, F, d); LW(b_up, 0, 1, F, 0);
+        LM(W_down, 1, d, F); LW(b_down, 0, 1, d, 0);
         LW(post_mlp_norm_w, c->post_norms, 1, d, 0);
+        /* a fused product replaces its parts' biases only when it carries them all */
+        if (y->W_QKV.data && !y->b_QKV && (y->b_Q || y->b_K || y->b_V)) {
+            PyErr_Format(PyExc_ValueError, "blocks.%d.W_QKV: the parts have biases but b_QKV is missing", l);
+            return -1;
+        }
+        if (y->W_gate_up.data && !y->b_gate_up && (y->b_gate || y->b_up)) {
+            PyErr_Format(PyExc_ValueError, "blocks.%d.W_gate_up: the parts have biases but b_gate_up is missing", l);
+            return -1;
+        }
 #undef LW
+#undef LM
     }
     return 0;
 }
@@ -243,6 +317,31 @@ static void *out_array_of(PyObject *capd, const char *key, int64_t n, int type, 
 
 static float *out_array(PyObject *capd, const char *key, int64_t n) {
     return out_array_of(capd, key, n, NPY_FLOAT32, "float32");
+}
+
+/* The pool a forward call runs on: the model's own (created on first use, of n_threads threads;
+ * *hold = 2) unless another call holds it, then a pool of its own (*hold = 1); NULL (serial) for one
+ * thread (*hold = 0). No GIL needed. */
+static Pool *acquire_pool(PyModel *self, int *hold) {
+    *hold = 0;
+    int n = __atomic_load_n(&self->n_threads, __ATOMIC_RELAXED);
+    if (n < 2) return NULL;
+    if (__atomic_exchange_n(&self->pool_busy, 1, __ATOMIC_ACQUIRE)) {
+        *hold = 1;
+        return pool_new(n);
+    }
+    *hold = 2;
+    if (self->pool && pool_threads(self->pool) != n) {
+        pool_free(self->pool);
+        self->pool = NULL;
+    }
+    if (!self->pool) self->pool = pool_new(n); /* NULL if no thread starts: serial */
+    return self->pool;
+}
+
+static void release_pool(PyModel *self, Pool *pool, int hold) {
+    if (hold == 1) pool_free(pool);
+    if (hold == 2) __atomic_store_n(&self->pool_busy, 0, __ATOMIC_RELEASE);
 }
 
 static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
@@ -435,8 +534,11 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
     char err[256] = "";
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = model_forward(&self->m, &b, ids ? PyArray_DATA(ids) : NULL, resid ? PyArray_DATA(resid) : NULL, start_layer, end_layer,
-                       patches, np, blocks, nb, &cap, err, sizeof err);
+    int hold;
+    Pool *pool = acquire_pool(self, &hold);
+    rc = model_forward(&self->m, pool, &b, ids ? PyArray_DATA(ids) : NULL, resid ? PyArray_DATA(resid) : NULL,
+                       start_layer, end_layer, patches, np, blocks, nb, &cap, err, sizeof err);
+    release_pool(self, pool, hold);
     Py_END_ALLOW_THREADS
     if (rc) {
         PyErr_SetString(strstr(err, "memory") ? PyExc_MemoryError : PyExc_RuntimeError, err);
@@ -452,7 +554,22 @@ done:
     return result;
 }
 
+static PyObject *Model_set_threads(PyModel *self, PyObject *args) {
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+    if (n < 1 || n > 1024) { PyErr_SetString(PyExc_ValueError, "threads must be in [1, 1024]"); return NULL; }
+    __atomic_store_n(&self->n_threads, n, __ATOMIC_RELAXED); /* the pool is resized by the next call */
+    Py_RETURN_NONE;
+}
+
+static PyObject *Model_get_threads(PyModel *self, void *c) { return PyLong_FromLong(self->n_threads); }
+
+static PyGetSetDef Model_getset[] = {{"threads", (getter)Model_get_threads, NULL, "threads of a forward call", NULL},
+                                     {NULL, NULL, NULL, NULL, NULL}};
+
 static PyMethodDef Model_methods[] = {
+    {"set_threads", (PyCFunction)Model_set_threads, METH_VARARGS,
+     "set_threads(n): run forward calls on n threads (the caller included)"},
     {"forward", (PyCFunction)(void (*)(void))Model_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(seq_lens, ids=None, resid_in=None, seq_starts=None, start_layer=0, prefix_k=None, prefix_v=None,\n"
      "        prefix_rows=None, patch_site=None, patch_layer=None, patch_row=None, patch_op=None, patch_value=None,\n"
@@ -469,6 +586,7 @@ static PyTypeObject ModelType = {
     .tp_init = (initproc)Model_init,
     .tp_dealloc = (destructor)Model_dealloc,
     .tp_methods = Model_methods,
+    .tp_getset = Model_getset,
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -522,27 +640,111 @@ static PyObject *py_sgemm(PyObject *mod, PyObject *args) {
     return (PyObject *)c;
 }
 
-static PyObject *py_set_num_threads(PyObject *mod, PyObject *args) {
-    int n;
-    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
-    if (n < 1) { PyErr_SetString(PyExc_ValueError, "threads must be >= 1"); return NULL; }
-    openblas_set_num_threads(n);
-    Py_RETURN_NONE;
+static PyObject *py_get_num_threads(PyObject *mod, PyObject *args) { return PyLong_FromLong(openblas_get_num_threads()); }
+
+/* A weight for matmul(): a float32 (n_out, n_in) array or an object with .type, .shape, .data (see get_mat). */
+static int any_mat(PyObject *o, Mat *out, PyObject **keep) {
+    PyModel tmp = {0};
+    tmp.refs = PyList_New(0);
+    if (!tmp.refs) return -1;
+    PyObject *d = PyDict_New();
+    int rc = -1;
+    npy_intp n_out = -1, n_in = -1;
+    if (d && PyDict_SetItemString(d, "w", o) == 0) {
+        if (PyArray_Check(o) && PyArray_NDIM((PyArrayObject *)o) == 2) {
+            n_out = PyArray_DIM((PyArrayObject *)o, 0);
+            n_in = PyArray_DIM((PyArrayObject *)o, 1);
+        } else {
+            PyObject *sh = PyObject_GetAttrString(o, "shape");
+            if (sh && PyTuple_Check(sh) && PyTuple_GET_SIZE(sh) == 2) {
+                n_out = PyLong_AsSsize_t(PyTuple_GET_ITEM(sh, 0));
+                n_in = PyLong_AsSsize_t(PyTuple_GET_ITEM(sh, 1));
+            }
+            Py_XDECREF(sh);
+        }
+        if (!PyErr_Occurred() && (n_out < 1 || n_in < 1))
+            PyErr_SetString(PyExc_ValueError, "w must be a 2-D float32 array or a stored weight (.type, .shape, .data)");
+        if (!PyErr_Occurred()) rc = get_mat(&tmp, d, "w", 1, n_out, n_in, out);
+    }
+    Py_XDECREF(d);
+    *keep = tmp.refs;
+    return rc;
 }
 
-static PyObject *py_get_num_threads(PyObject *mod, PyObject *args) { return PyLong_FromLong(openblas_get_num_threads()); }
+/* matmul(x (N, n_in) float32, w, bias=None, threads=1) -> x @ w^T (+ bias) (N, n_out) with the C core's
+ * matrix-product layer on w as stored */
+static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"x", "w", "bias", "threads", NULL};
+    PyObject *ox, *ow, *ob = NULL;
+    int threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|Oi", kwlist, &ox, &ow, &ob, &threads)) return NULL;
+    if (threads < 1 || threads > 1024) { PyErr_SetString(PyExc_ValueError, "threads must be in [1, 1024]"); return NULL; }
+    Mat W;
+    PyObject *keep = NULL, *res = NULL;
+    PyArrayObject *x = NULL, *bias = NULL, *out = NULL;
+    if (any_mat(ow, &W, &keep)) goto done;
+    x = (PyArrayObject *)PyArray_FROMANY(ox, NPY_FLOAT32, 2, 2, NPY_ARRAY_CARRAY_RO);
+    if (!x) goto done;
+    if (PyArray_DIM(x, 1) != W.n_in) { PyErr_Format(PyExc_ValueError, "x has %zd columns, w has %lld inputs", (Py_ssize_t)PyArray_DIM(x, 1), (long long)W.n_in); goto done; }
+    if (ob && ob != Py_None) {
+        bias = (PyArrayObject *)PyArray_FROMANY(ob, NPY_FLOAT32, 1, 1, NPY_ARRAY_CARRAY_RO);
+        if (!bias) goto done;
+        if (PyArray_DIM(bias, 0) != W.n_out) { PyErr_SetString(PyExc_ValueError, "bias must be (n_out,)"); goto done; }
+    }
+    npy_intp dims[2] = {PyArray_DIM(x, 0), (npy_intp)W.n_out};
+    out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (!out) goto done;
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    Pool *pool = threads > 1 ? pool_new(threads) : NULL;
+    if (dims[0] > 0) rc = mat_mul(pool, PyArray_DATA(out), PyArray_DATA(x), dims[0], &W, bias ? PyArray_DATA(bias) : NULL);
+    pool_free(pool);
+    Py_END_ALLOW_THREADS
+    if (rc) { PyErr_NoMemory(); goto done; }
+    res = (PyObject *)out;
+    out = NULL;
+done:
+    Py_XDECREF(keep); Py_XDECREF(x); Py_XDECREF(bias); Py_XDECREF(out);
+    return res;
+}
+
+/* dequant_rows(data uint8 (n, row_bytes), type, n_in) -> float32 (n, n_in), exactly quant_dequantize */
+static PyObject *py_dequant_rows(PyObject *mod, PyObject *args) {
+    PyObject *od;
+    int type;
+    Py_ssize_t n_in;
+    if (!PyArg_ParseTuple(args, "Oin", &od, &type, &n_in)) return NULL;
+    int64_t rb = 0;
+    if (n_in < 1 || mat_row_bytes(type, n_in, &rb) != 0) { PyErr_SetString(PyExc_ValueError, "unsupported type or width"); return NULL; }
+    PyArrayObject *d = (PyArrayObject *)PyArray_FROMANY(od, NPY_UINT8, 2, 2, NPY_ARRAY_CARRAY_RO);
+    if (!d) return NULL;
+    if (PyArray_DIM(d, 1) != rb) { Py_DECREF(d); PyErr_Format(PyExc_ValueError, "rows of %lld bytes expected", (long long)rb); return NULL; }
+    npy_intp dims[2] = {PyArray_DIM(d, 0), n_in};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (out) {
+        Mat W = {type, dims[0], n_in, PyArray_DATA(d), rb};
+        Py_BEGIN_ALLOW_THREADS
+        mat_rows_f32(&W, 0, dims[0], PyArray_DATA(out));
+        Py_END_ALLOW_THREADS
+    }
+    Py_DECREF(d);
+    return (PyObject *)out;
+}
 
 static PyMethodDef module_methods[] = {
     {"convert", py_convert, METH_VARARGS, "convert(raw_uint16, 'f16'|'bf16') -> float32 array (exact)"},
     {"sgemm", py_sgemm, METH_VARARGS, "sgemm(a (M,K), b (N,K)) -> a @ b.T computed by the linked OpenBLAS"},
-    {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n): threads of OpenBLAS and of the C core's loops"},
-    {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> OpenBLAS threads"},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> OpenBLAS threads (1: factrace's pool owns the threads)"},
+    {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_VARARGS | METH_KEYWORDS,
+     "matmul(x, w, bias=None, threads=1) -> x @ w^T (+ bias), w float32 or a weight as stored"},
+    {"dequant_rows", py_dequant_rows, METH_VARARGS, "dequant_rows(data, type, n_in) -> float32 rows of a stored weight"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "factrace._core", "factrace C core", -1, module_methods};
 
 PyMODINIT_FUNC PyInit__core(void) {
     import_array();
+    openblas_set_num_threads(1); /* products run on factrace's pool; each thread calls single-threaded sgemm */
     if (PyType_Ready(&ModelType) < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;

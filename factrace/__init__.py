@@ -24,7 +24,7 @@ from .errors import (CheckpointError, ConfigError, FactraceError, GGUFError, Hub
 from .interventions import Intervention, add, block_attention, freeze, set_values, zero  # noqa: E402
 from .io.config import SUPPORTED_ARCHS, ModelConfig  # noqa: E402
 from .io.load import load  # noqa: E402
-from .model import Model, RunResult, set_num_threads  # noqa: E402
+from .model import Model, RunResult, get_num_threads, set_num_threads  # noqa: E402
 
 BLAS = _core.BLAS
 __version__ = "0.1.0"
@@ -50,7 +50,7 @@ _LAZY_MODULES = {"datasets": "study.datasets", "objects": "study.objects", "repo
 __all__ = ["load", "Model", "RunResult", "ModelConfig", "SUPPORTED_ARCHS", "FactraceError", "ConfigError",
            "CheckpointError", "GGUFError", "HubError", "InputError", "ModelNotFoundError", "ModelNotInstalledError",
            "ModelTooLargeError", "Intervention", "add", "set_values", "freeze", "zero", "block_attention",
-           "set_num_threads", "BLAS"] + sorted(_LAZY)
+           "set_num_threads", "get_num_threads", "BLAS"] + sorted(_LAZY)
 
 
 def __getattr__(name):

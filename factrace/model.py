@@ -1,6 +1,8 @@
 """``Model``: a loaded checkpoint with its tokenizer, and ``RunResult``: the residual stream taken apart."""
 from __future__ import annotations
 
+import os
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -9,6 +11,7 @@ from . import _core
 from .errors import InputError
 from .interventions import compile_interventions
 from .io.config import ModelConfig
+from .io.stored import StoredWeight, as_float32, concat
 
 ALL_CAPTURES = ("embed", "resid_pre", "resid_mid", "attn_out", "mlp_out", "head_out", "attn", "z",
                 "resid_final", "final_scale")
@@ -64,11 +67,29 @@ class RunResult:
         return x / x.sum(-1, keepdims=True)
 
 
+def _default_threads() -> int:
+    for var in ("FACTRACE_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        v = os.environ.get(var, "")
+        if v.strip().isdigit() and int(v) > 0:
+            return int(v)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+_THREADS = {"default": _default_threads()}
+_MODELS = weakref.WeakSet()  # models that follow the default thread count (no set_num_threads of their own)
+
+
 class Model:
     """A transformer loaded by :func:`factrace.load`, run by the C core.
 
-    Attributes: ``config`` (:class:`ModelConfig`), ``tokenizer``, ``weights`` (dict of float32 arrays in
-    factrace's canonical names, see docs/ARCHITECTURE.md), ``name``.
+    Attributes: ``config`` (:class:`ModelConfig`), ``tokenizer``, ``weights`` (dict of the weights in
+    factrace's canonical names, see docs/ARCHITECTURE.md: norms, biases and learned positions as float32
+    arrays; linear weights as float32 arrays or, loaded with ``weights="stored"`` (the default),
+    :class:`~factrace.io.stored.StoredWeight` objects in the checkpoint's format — :meth:`W` gives any of
+    them as float32), ``name``, ``threads`` (threads of a run, see :meth:`set_num_threads`).
 
     Example:
         >>> m = factrace.load("smollm2")                          # doctest: +SKIP
@@ -78,13 +99,60 @@ class Model:
         (30, 7, 576)
     """
 
-    def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, name: str = "model", source=None):
+    def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, name: str = "model", source=None,
+                 threads: int | None = None):
         self.config = config
-        self.weights = weights
+        self.weights = dict(weights)
         self.tokenizer = tokenizer
         self.name = name
         self.source = source
-        self._core = _core.Model(config.core_dict(), weights)
+        core_weights = self._fuse()
+        self._core = _core.Model(config.core_dict(), core_weights, threads=int(threads or _THREADS["default"]))
+        if threads is None:
+            _MODELS.add(self)
+
+    def _fuse(self) -> dict:
+        """The weights the C core gets: these, plus per layer q/k/v (and gate/up) fused into one matrix
+        (``W_QKV``, ``W_gate_up``) when they share a format, so that a block makes fewer, larger products.
+        The canonical ``W_Q`` / ``W_K`` / ``W_V`` (``W_gate`` / ``W_up``) become views of the fused matrix:
+        no second copy."""
+        W = self.weights
+        out = dict(W)
+        for i in range(self.config.n_layers):
+            for parts, fused in ((("W_Q", "W_K", "W_V"), "W_QKV"), (("W_gate", "W_up"), "W_gate_up")):
+                ws = [W.get(f"blocks.{i}.{p}") for p in parts]
+                if any(w is None for w in ws) or len({type(w) for w in ws}) != 1:
+                    continue
+                if isinstance(ws[0], StoredWeight):
+                    if len({w.type for w in ws}) != 1:
+                        continue  # e.g. Q4_K_M: attn_v in Q6_K, attn_q/k in Q4_K
+                    f = concat(ws)
+                    views, r = [], 0
+                    for w in ws:
+                        views.append(f.rows(r, r + w.shape[0]))
+                        r += w.shape[0]
+                else:
+                    f = np.concatenate(ws)
+                    views = np.split(f, np.cumsum([w.shape[0] for w in ws])[:-1])
+                for p, v in zip(parts, views):
+                    W[f"blocks.{i}.{p}"] = out[f"blocks.{i}.{p}"] = v
+                out[f"blocks.{i}.{fused}"] = f
+                bs = [W.get(f"blocks.{i}.{p.replace('W_', 'b_')}") for p in parts]
+                if any(b is not None for b in bs):
+                    out[f"blocks.{i}.{fused.replace('W_', 'b_')}"] = np.concatenate(
+                        [np.zeros(w.shape[0], np.float32) if b is None else b for w, b in zip(ws, bs)])
+        return out
+
+    @property
+    def threads(self) -> int:
+        """Threads a run of this model uses (the calling thread included)."""
+        return self._core.threads
+
+    def set_num_threads(self, n: int) -> None:
+        """Run this model on ``n`` threads (the calling thread included); it then no longer follows
+        :func:`factrace.set_num_threads`. Example: ``m.set_num_threads(1)`` next to other work."""
+        self._core.set_threads(int(n))
+        _MODELS.discard(self)
 
     def __repr__(self):
         c = self.config
@@ -111,9 +179,30 @@ class Model:
         return self._tok().token_strings(ids)
 
     def W(self, name: str, layer: int | None = None) -> np.ndarray | None:
-        """A weight by canonical name, e.g. ``m.W("b_O", 3)`` or ``m.W("W_U")``; None if absent."""
-        key = name if layer is None else f"blocks.{layer}.{name}"
-        return self.weights.get(key)
+        """A weight by canonical name as float32, e.g. ``m.W("b_O", 3)`` (d,) or ``m.W("W_U")`` (V, d);
+        None if absent. A weight kept as stored is dequantized on demand (each call; the values are the
+        float32 loader's exactly): for a few rows use :meth:`W_rows`, for products :meth:`project`."""
+        return as_float32(self.stored(name, layer))
+
+    def stored(self, name: str, layer: int | None = None):
+        """A weight as the model holds it: a float32 array or a :class:`~factrace.io.stored.StoredWeight`."""
+        return self.weights.get(name if layer is None else f"blocks.{layer}.{name}")
+
+    def W_rows(self, name: str, rows, layer: int | None = None) -> np.ndarray:
+        """Rows of a matrix weight as float32, e.g. the embeddings of some tokens: ``m.W_rows("W_E", ids)``
+        (len(ids), d); only those rows are dequantized."""
+        w = self.stored(name, layer)
+        rows = np.asarray(rows, np.int64)
+        return w.float32(rows) if isinstance(w, StoredWeight) else w[rows]
+
+    def project(self, x, name: str = "W_U", layer: int | None = None) -> np.ndarray:
+        """``x (N, in) @ W^T`` (N, out) with a matrix weight in its stored format, through the C core's
+        matrix-product layer on this model's threads. Example: logits of normed states,
+        ``m.project(m.final_norm(r.resid_pre[5]))``."""
+        w = self.stored(name, layer)
+        x = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, np.shape(x)[-1]))
+        out = _core.matmul(x, w, threads=self.threads)
+        return out.reshape(np.shape(x)[:-1] + (out.shape[-1],))
 
     def final_norm(self, x) -> np.ndarray:
         """The final norm applied to residual vectors ``x`` (..., d), each with its own scale (float32,
@@ -256,5 +345,17 @@ class Model:
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of OpenBLAS threads used by the C core (process-wide)."""
-    _core.set_num_threads(int(n))
+    """Set the number of threads factrace's runs use (default: the CPUs this process may run on, or
+    ``FACTRACE_NUM_THREADS``): for every model that has no :meth:`Model.set_num_threads` of its own, loaded
+    or to be loaded. Example: ``factrace.set_num_threads(1)`` beside other CPU-bound work."""
+    n = int(n)
+    if n < 1:
+        raise ValueError("threads must be >= 1")
+    _THREADS["default"] = n
+    for m in list(_MODELS):
+        m._core.set_threads(n)
+
+
+def get_num_threads() -> int:
+    """The thread count of :func:`set_num_threads` (the default of every model)."""
+    return _THREADS["default"]

@@ -35,16 +35,19 @@ def _no_convert(monkeypatch):
         raise AssertionError("a tensor was converted before the memory check")
 
     monkeypatch.setattr(SafetensorsFile, "tensor", boom)
+    monkeypatch.setattr(SafetensorsFile, "stored", boom)
     monkeypatch.setattr(GGUFFile, "tensor", boom)
+    monkeypatch.setattr(GGUFFile, "raw", boom)
 
 
+@pytest.mark.parametrize("weights", ["stored", "float32"])
 @pytest.mark.parametrize("src", ["gpt2", "llama_sharded", "gguf"])
-def test_too_large_refused_before_converting(src, gguf_path, monkeypatch):
+def test_too_large_refused_before_converting(src, weights, gguf_path, monkeypatch):
     path = gguf_path if src == "gguf" else FIX / src
     monkeypatch.setenv("FACTRACE_MAX_BYTES", "10000")
     _no_convert(monkeypatch)
-    with pytest.raises(ModelTooLargeError, match=r"need .* GiB as float32 but only .*FACTRACE_MAX_BYTES") as ei:
-        factrace.load(path)
+    with pytest.raises(ModelTooLargeError, match=rf"need .* GiB as {weights} but only .*FACTRACE_MAX_BYTES") as ei:
+        factrace.load(path, weights=weights)
     assert str(path) in str(ei.value)
     assert isinstance(ei.value, CheckpointError) and isinstance(ei.value, MemoryError)
 

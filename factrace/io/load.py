@@ -16,10 +16,20 @@ from .weights import GGUFSource, SafetensorsSource, build_weights, check_memory,
 from . import archs as A
 
 
-def load_hf_dir(directory, name: str | None = None):
+WEIGHT_MODES = ("stored", "float32")
+
+
+def _mode(weights: str) -> bool:
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be 'stored' or 'float32', got {weights!r}")
+    return weights == "stored"
+
+
+def load_hf_dir(directory, name: str | None = None, weights: str = "stored", threads: int | None = None):
     """Load a Hugging Face model directory (config.json + safetensors + tokenizer.json).
 
-    Returns a :class:`factrace.Model`. Tensors stored as F32, F16 or BF16 become float32.
+    Returns a :class:`factrace.Model`. ``weights="stored"`` (default) keeps the linear weights as stored
+    (F32, F16 or BF16); ``"float32"`` converts every tensor to float32 (exactly: the same values).
 
     Example:
         >>> m = load_hf_dir("path/to/gpt2")          # doctest: +SKIP
@@ -41,21 +51,25 @@ def load_hf_dir(directory, name: str | None = None):
                           f"use a text-only Gemma3ForCausalLM checkpoint")
     cfg = from_hf_config(raw, where=str(cpath))
     arch = A.ARCHS[cfg.arch]
+    stored = _mode(weights)
     with Checkpoint(directory) as ck:
-        check_memory(sum(int(np.prod(ck.shape(n), dtype=object)) for n in ck.names), directory)  # before converting
-        weights = build_weights(arch, arch.tensors, cfg, SafetensorsSource(ck))
+        n_el = sum(int(np.prod(ck.shape(n), dtype=object)) for n in ck.names)
+        check_memory(n_el, directory, sum(ck.nbytes(n) for n in ck.names) if stored else None)  # before converting
+        W = build_weights(arch, arch.tensors, cfg, SafetensorsSource(ck), stored=stored)
     tok = None
     tpath = directory / "tokenizer.json"
     if tpath.exists():
         tok = Tokenizer.from_file(tpath, directory)
-    return Model(cfg, weights, tokenizer=tok, name=name or directory.name, source=str(directory))
+    return Model(cfg, W, tokenizer=tok, name=name or directory.name, source=str(directory), threads=threads)
 
 
-def load_gguf(path, name: str | None = None):
+def load_gguf(path, name: str | None = None, weights: str = "stored", threads: int | None = None):
     """Load a GGUF file (architectures: the table's GGUF entries, ``archs.GGUF_ARCHS``; weights F32, F16,
-    BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K) as a float32 :class:`factrace.Model`, with the
-    tokenizer built from ``tokenizer.ggml.*``. The result matches ``transformers`` loading the same file
-    (``from_pretrained(dir, gguf_file=...)``).
+    BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K) as a :class:`factrace.Model`, with the tokenizer
+    built from ``tokenizer.ggml.*``. ``weights="stored"`` (default) keeps the linear weights as their GGUF
+    blocks (the C core dequantizes in registers); ``"float32"`` dequantizes every tensor at load. The
+    numbers are the same either way (bit-identical to gguf-py's dequantization) and match ``transformers``
+    loading the same file (``from_pretrained(dir, gguf_file=...)``).
 
     Example:
         >>> m = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")    # doctest: +SKIP
@@ -75,9 +89,11 @@ def load_gguf(path, name: str | None = None):
             # metadata of an unexpected type (a string where a count belongs, an array for a scalar ...)
             raise ConfigError(f"{path}: bad GGUF metadata value ({type(e).__name__}: {e})") from None
         cfg = from_hf_config(raw, where=str(path))
-        check_memory(sum(int(t.n_elements) for t in tensors.values()), path)  # before any tensor is converted
+        stored = _mode(weights)
+        check_memory(sum(int(t.n_elements) for t in tensors.values()), path,  # before any tensor is converted
+                     sum(int(t.nbytes) for t in tensors.values()) if stored else None)
         arch = A.ARCHS[cfg.arch]
-        W = build_weights(arch, arch.gguf.tensors, cfg, GGUFSource(f, path))
+        W = build_weights(arch, arch.gguf.tensors, cfg, GGUFSource(f, path), stored=stored)
         tk = None
         if "tokenizer.ggml.model" in md:
             from .gguf_tokenizer import load_tokenizer
@@ -87,7 +103,7 @@ def load_gguf(path, name: str | None = None):
             except (ValueError, KeyError, TypeError) as e:
                 raise GGUFError(f"{path}: cannot build the tokenizer from tokenizer.ggml.* ({e})") from None
             tk = Tokenizer(t, sp.bos_id, sp.eos_id, source=path)
-    return Model(cfg, W, tokenizer=tk, name=name or path.stem, source=str(path))
+    return Model(cfg, W, tokenizer=tk, name=name or path.stem, source=str(path), threads=threads)
 
 
 def hf_cache_dir() -> Path:
@@ -113,8 +129,9 @@ def resolve_repo_id(repo_id: str, revision: str | None = None) -> Path:
 REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
-def load(source, name: str | None = None, *, revision: str | None = None, local_files_only: bool | None = None,
-         gguf_file: str | None = None, token: str | bool | None = None):
+def load(source, name: str | None = None, *, weights: str = "stored", threads: int | None = None,
+         revision: str | None = None, local_files_only: bool | None = None, gguf_file: str | None = None,
+         token: str | bool | None = None):
     """Load a model for analysis.
 
     ``source`` may be:
@@ -126,6 +143,12 @@ def load(source, name: str | None = None, *, revision: str | None = None, local_
         files and the safetensors weights (or, with ``gguf_file``, that one file); the architecture is
         checked before any weight is downloaded. Offline (``HF_HUB_OFFLINE=1``) only the cache is used;
       * a short name of a model that an installed package ships: ``"smollm2"``, ``"gemma3-270m"``, ...
+
+    ``weights``: ``"stored"`` (default) keeps every linear weight in the format it is stored in (F32, F16,
+    BF16 safetensors; GGUF Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / K-quant blocks): the C core multiplies with
+    it directly, so memory is about the file's size; ``"float32"`` converts everything at load (the
+    behaviour of factrace 0.1). The weights' float32 values are the same either way.
+    ``threads``: threads of this model's runs (default: :func:`factrace.set_num_threads`'s setting).
 
     Keyword arguments, for Hub repo ids only (ValueError for a local path or a short name):
       * ``revision``: branch, tag or commit hash; default ``"main"``;
@@ -156,21 +179,21 @@ def load(source, name: str | None = None, *, revision: str | None = None, local_
     if hub_opts and (p.exists() or not REPO_ID.fullmatch(s)):
         raise ValueError(f"{s!r} is not a Hugging Face repo id: {', '.join(hub_opts)} apply to repo ids only")
     if p.is_dir():
-        return load_hf_dir(p, name)
+        return load_hf_dir(p, name, weights, threads)
     if p.suffix == ".gguf" or (p.is_file() and _is_gguf(p)):
-        return load_gguf(p, name)
+        return load_gguf(p, name, weights, threads)
     if p.exists():
         raise CheckpointError(f"{p}: not a model directory or a GGUF file")
     from . import packaged
 
     if s in packaged.KNOWN or s in getattr(packaged, "ALIASES", {}):
-        return load(packaged.resolve(s), name or s)
+        return load(packaged.resolve(s), name or s, weights=weights, threads=threads)
     if REPO_ID.fullmatch(s):
         from .hub import resolve_hub
 
         local = resolve_hub(s, revision=revision, local_files_only=local_files_only, gguf_file=gguf_file, token=token,
                             check_config=lambda raw, where: from_hf_config(raw, where=where))
-        return load(local, name or s)
+        return load(local, name or s, weights=weights, threads=threads)
     known = ", ".join(sorted(getattr(packaged, "KNOWN", {})))
     raise ModelNotFoundError(f"{s!r}: no such file or directory, not a Hugging Face repo id ('org/name'), and not a "
                              f"known short name ({known})")

@@ -168,8 +168,39 @@ class SafetensorsFile:
             raise self._err(f"tensor {name!r} has dtype {dt}; weights must be F32, F16 or BF16")
         raw = self.raw(name)
         if dt == "F32":
-            return np.array(raw, dtype=np.float32, order="C", copy=True)
-        return _core.convert(raw, "f16" if dt == "F16" else "bf16")
+            out = np.array(raw, dtype=np.float32, order="C", copy=True)
+        else:
+            out = _core.convert(raw, "f16" if dt == "F16" else "bf16")
+        del raw
+        self._release(name)
+        return out
+
+    def stored(self, name: str):
+        """A 2-D F32 / F16 / BF16 tensor as a :class:`~factrace.io.stored.StoredWeight` (a copy of its bytes,
+        in the stored format)."""
+        from .stored import TYPE_IDS, StoredWeight
+
+        dt, shape, _ = self.tensors[name]
+        if dt not in FLOAT_DTYPES:
+            raise self._err(f"tensor {name!r} has dtype {dt}; weights must be F32, F16 or BF16")
+        if len(shape) != 2:
+            raise self._err(f"tensor {name!r} has shape {shape}; a linear weight is 2-D")
+        out = StoredWeight(TYPE_IDS[dt], shape, np.array(self.raw(name).view(np.uint8), copy=True))
+        self._release(name)
+        return out
+
+    def _release(self, name: str) -> None:
+        """Drop the mapped pages of a tensor already copied from this process's memory (they stay in the page
+        cache), so that loading holds the weights once, not twice."""
+        _, _, (begin, end) = self.tensors[name]
+        page = mmap.PAGESIZE
+        a = -(-(self.data_start + begin) // page) * page
+        b = (self.data_start + end) // page * page
+        if b > a and hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+            except (OSError, ValueError):
+                pass
 
 
 class Checkpoint:
@@ -250,6 +281,14 @@ class Checkpoint:
 
     def tensor(self, name: str) -> np.ndarray:
         return self.files[self.where[name]].tensor(name)
+
+    def stored(self, name: str):
+        return self.files[self.where[name]].stored(name)
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of a tensor as stored."""
+        _, _, (begin, end) = self.files[self.where[name]].tensors[name]
+        return end - begin
 
     def path_of(self, name: str) -> Path:
         return self.dir / self.where[name]

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError, GGUFError, ModelTooLargeError
 from . import archs as A
+from .stored import StoredWeight, TYPE_IDS, row_bytes
 
 # Buffers some safetensors checkpoints carry that are not weights.
 IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
@@ -51,13 +52,18 @@ def canonical_shape(name: str, cfg) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------
-# transforms: (stored shape from the canonical shapes, function stored tensor -> canonical tensors)
+# transforms: (stored shape from the canonical shapes, function stored tensor -> canonical tensors).
+# Each works on float32 arrays and, for linear weights kept as stored, on StoredWeight rows.
+
+def _cut(t, r0, r1):
+    return t.rows(r0, r1) if isinstance(t, StoredWeight) else np.ascontiguousarray(t[r0:r1])
+
 
 def _split(t, shapes):
     """A fused tensor cut along its first axis into pieces of the canonical shapes' first sizes."""
     out, r = [], 0
     for s in shapes:
-        out.append(np.ascontiguousarray(t[r:r + s[0]]))
+        out.append(_cut(t, r, r + s[0]))
         r += s[0]
     return out
 
@@ -66,8 +72,15 @@ def _fused(shapes):
     return (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
 
 
-def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's reordering of Q/K rows: (n_head, 2, dh/2, in) interleaved -> rotate-half order."""
+def _transpose(t):
+    return t.transpose() if isinstance(t, StoredWeight) else np.ascontiguousarray(t.T)
+
+
+def unpermute(w, n_head: int):
+    """Undo llama.cpp's reordering of Q/K rows: (n_head, 2, dh/2, in) interleaved -> rotate-half order
+    (a float32 matrix or bias, or a StoredWeight whose rows are permuted in their stored format)."""
+    if isinstance(w, StoredWeight):
+        return w.take(unpermute(np.arange(w.shape[0]), n_head))
     rest = w.shape[1:]
     dim = w.shape[0] // n_head // 2
     return np.ascontiguousarray(w.reshape(n_head, dim, 2, *rest).swapaxes(1, 2).reshape(w.shape))
@@ -78,10 +91,10 @@ _ONE = np.float32(1.0)
 TRANSFORMS = {
     "": (lambda shapes: shapes[0], lambda t, cfg, shapes: [t]),
     # GPT-2's Conv1D stores (in, out)
-    "T": (lambda shapes: shapes[0][::-1], lambda t, cfg, shapes: [np.ascontiguousarray(t.T)]),
+    "T": (lambda shapes: shapes[0][::-1], lambda t, cfg, shapes: [_transpose(t)]),
     # fused q/k/v (GPT-2's c_attn, GGUF's attn_qkv): rows q, then k, then v
     "split": (_fused, lambda t, cfg, shapes: _split(t, shapes)),
-    "T_split": (lambda shapes: _fused(shapes)[::-1], lambda t, cfg, shapes: _split(t.T, shapes)),
+    "T_split": (lambda shapes: _fused(shapes)[::-1], lambda t, cfg, shapes: _split(_transpose(t), shapes)),
     # Gemma3RMSNorm multiplies by (1 + w), computed in float32
     "norm1p": (lambda shapes: shapes[0], lambda t, cfg, shapes: [(_ONE + t).astype(np.float32)]),
     # GGUF stores Gemma's norms as 1 + w; transformers loads w - 1 and computes 1 + w (float32)
@@ -89,6 +102,9 @@ TRANSFORMS = {
     "unpermute_q": (lambda shapes: shapes[0], lambda t, cfg, shapes: [unpermute(t, cfg.n_heads)]),
     "unpermute_k": (lambda shapes: shapes[0], lambda t, cfg, shapes: [unpermute(t, cfg.n_kv_heads)]),
 }
+
+# canonical weights the C core multiplies with (or gathers rows of) in their stored format
+LINEAR = frozenset({"W_E", "W_U", "W_Q", "W_K", "W_V", "W_O", "W_gate", "W_up", "W_down"})
 
 
 def _flag(cfg, cond) -> bool:
@@ -123,6 +139,10 @@ class SafetensorsSource:
     def tensor(self, name):
         return self.ck.tensor(name)
 
+    def stored(self, name):
+        """The 2-D tensor as a StoredWeight (F32, F16, BF16 as in the file); its pages are released."""
+        return self.ck.stored(name)
+
 
 class GGUFSource:
     """A :class:`~factrace.io.gguf.GGUFFile` seen as a tensor source (shapes in numpy order)."""
@@ -144,12 +164,23 @@ class GGUFSource:
     def tensor(self, name):
         return self.f.tensor(name)
 
+    def stored(self, name):
+        """The 2-D tensor as a StoredWeight in its GGUF block format (float32 for formats factrace does
+        not compute with)."""
+        info = self.f.tensors[name]
+        if info.ggml_type not in TYPE_IDS.values():
+            return StoredWeight.from_float32(self.f.tensor(name))
+        raw = self.f.raw(name)
+        return StoredWeight(info.ggml_type, info.shape, raw.reshape(info.shape[0], row_bytes(info.ggml_type, info.shape[1])))
 
-def build_weights(arch: "A.Arch", tensors: tuple, cfg, src) -> dict:
+
+def build_weights(arch: "A.Arch", tensors: tuple, cfg, src, stored: bool = False) -> dict:
     """The canonical weights of a model: every :class:`~factrace.io.archs.Tensor` of ``tensors`` (an
     entry's safetensors or GGUF list) read from ``src`` one at a time, shape-checked and transformed.
-    ``W_U`` is ``W_E`` itself (no copy) for tied models. Raises ``src.error`` for a missing tensor, a
-    wrong shape or a tensor the architecture does not have."""
+    With ``stored`` the linear weights (:data:`LINEAR`) are :class:`StoredWeight` objects in the file's
+    format; everything else (norms, biases, learned positions) is float32. ``W_U`` is ``W_E`` itself (no
+    copy) for tied models. Raises ``src.error`` for a missing tensor, a wrong shape or a tensor the
+    architecture does not have."""
     prefix = _prefix(arch, tensors, src)
     used, W = set(), {}
     L = cfg.n_layers
@@ -169,7 +200,8 @@ def build_weights(arch: "A.Arch", tensors: tuple, cfg, src) -> dict:
             if got != want:
                 raise src.error(f"{src.file_of(name)}: tensor {name!r} has shape {got}, the config implies {want}")
             used.add(name)
-            for t, arr in zip(targets, fn(src.tensor(name), cfg, shapes)):
+            keep = stored and all(c in LINEAR for c in spec.to)
+            for t, arr in zip(targets, fn(src.stored(name) if keep else src.tensor(name), cfg, shapes)):
                 W[t] = arr
     if cfg.tied:
         W["W_U"] = W["W_E"]
@@ -281,12 +313,14 @@ def available_memory() -> int | None:
     return avail
 
 
-def check_memory(n_elements: int, where) -> None:
-    """Refuse (ModelTooLargeError) a model whose ``n_elements`` float32 weights do not fit in memory."""
-    need = 4 * int(n_elements)
+def check_memory(n_elements: int, where, nbytes: int | None = None) -> None:
+    """Refuse (ModelTooLargeError) a model whose ``n_elements`` float32 weights (or ``nbytes`` bytes of
+    weights kept as stored) do not fit in memory."""
+    need = 4 * int(n_elements) if nbytes is None else int(nbytes)
     avail = available_memory()
     if avail is not None and need > avail:
+        how = "as float32" if nbytes is None else "as stored"
         raise ModelTooLargeError(
-            f"{where}: the weights need {need / 2**30:.2f} GiB as float32 but only {avail / 2**30:.2f} GiB of "
+            f"{where}: the weights need {need / 2**30:.2f} GiB {how} but only {avail / 2**30:.2f} GiB of "
             f"memory is available ({'FACTRACE_MAX_BYTES' if os.environ.get('FACTRACE_MAX_BYTES') else 'MemAvailable'}"
             f"); nothing was loaded")

@@ -66,10 +66,9 @@ def _span(ids, offs, text, subject) -> tuple:
 def token_embeddings(m: Model, ids) -> np.ndarray:
     """(T, d) float32: what the token-embedding module returns for ``ids`` (Gemma: scaled by sqrt(d)),
     i.e. the site where tracing noise is added (before GPT-2's position embeddings)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    W_E = m.W("W_E")
+    rows = m.W_rows("W_E", np.asarray(ids, dtype=np.int64))
     scale = np.float32(m.config.embed_scale)
-    return W_E[ids] * scale if scale != 1 else W_E[ids].copy()
+    return rows * scale if scale != 1 else np.array(rows)
 
 
 def _softmax_prob(logits: np.ndarray, token: int) -> np.ndarray:
@@ -186,10 +185,9 @@ def resolve_target(m, target, default_id: int | None = None):
 
 def _vocab_direction(m, pos, neg):
     """(d,) float64 unembedding direction of a target: W_U[a] (- mean W_U[b])."""
-    W_U = m.W("W_U")
-    u = W_U[pos].astype(np.float64).sum(0)
+    u = m.W_rows("W_U", pos).astype(np.float64).sum(0)
     if neg:
-        u = u - W_U[neg].astype(np.float64).mean(0)
+        u = u - m.W_rows("W_U", neg).astype(np.float64).mean(0)
     return u
 
 

@@ -82,10 +82,8 @@ def knockout(m: Model, prompt, subject, kind: str = "mlp", window: int = 5, star
     ivs = [iv.zero(kind + "_out", layers=range(s, min(L, s + window)), seq=i) for i, s in enumerate(starts)]
     rs = m.run([ids] * len(starts), capture=["resid_final"], interventions=ivs, logits="last")
     probs = np.array([_softmax_prob(r.logits, answer)[0] for r in rs])
-    W_E = m.W("W_E")
-
     def top(x):
-        sc = final_norm(m, x) @ W_E.T
+        sc = m.project(final_norm(m, x)[None], "W_E")[0]
         k = min(topk, sc.shape[-1])
         idx = np.argpartition(-sc, k - 1)[:k]
         return idx[np.argsort(-sc[idx], kind="stable")]

@@ -143,8 +143,7 @@ def _lens_from_run(m, r, text, target, k, positions, project_on):
     pos = np.arange(T) if positions is None else np.asarray([p + T if p < 0 else p for p in positions], np.int64)
     states = np.concatenate([r.resid_pre, r.resid_final[None]], 0)[:, pos]  # (R, P, d)
     R, P, d = states.shape
-    W_U = m.W("W_U")
-    logits = (_final_norm(m, states.reshape(-1, d)) @ W_U.T).astype(np.float32)
+    logits = m.project(_final_norm(m, states.reshape(-1, d)), "W_U")
     if c.final_softcap and c.final_softcap > 0:
         logits = (c.final_softcap * np.tanh(logits.astype(np.float64) / c.final_softcap)).astype(np.float32)
     logits = logits.reshape(R, P, -1)
@@ -155,11 +154,10 @@ def _lens_from_run(m, r, text, target, k, positions, project_on):
     probs = _softmax64(logits)
     tl = logits[..., tgt]
     rank = (logits > tl[..., None]).sum(-1)
-    W = m.W("W_E") if project_on == "embed" else m.W("W_U") if project_on == "unembed" else None
-    if W is None:
+    if project_on not in ("embed", "unembed"):
         raise ValueError("project_on must be 'embed' or 'unembed'")
     sub = np.stack([r.attn_out[:, T - 1], r.mlp_out[:, T - 1]], 1)  # (L, 2, d)
-    sub_top1 = np.argmax(sub.reshape(-1, d) @ W.T, -1).reshape(L, 2)
+    sub_top1 = np.argmax(m.project(sub.reshape(-1, d), "W_E" if project_on == "embed" else "W_U"), -1).reshape(L, 2)
     strs_flat = _tokens(m, top.reshape(-1))
     top_strings = [[strs_flat[(i * P + j) * k:(i * P + j + 1) * k] for j in range(P)] for i in range(R)]
     toks = _tokens(m, r.ids)
