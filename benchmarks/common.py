@@ -1,12 +1,17 @@
 """Shared helpers for factrace's benchmarks.
 
-- :func:`setup_threads` sets the same thread count for factrace (OpenBLAS) and torch.
+- :func:`setup_threads` sets the same thread count for factrace and torch.
 - :func:`bench` times a callable: warmup runs, then ``repeat`` timed runs; best and median.
 - :func:`sgemm_gflops` measures the linked OpenBLAS sgemm rate through ``factrace._core.sgemm``
-  (a @ b.T, the same library and call the C core uses).
+  (a @ b.T on OpenBLAS's own threads: the reference rate of the machine).
+- :func:`read_bandwidth` measures the memory read bandwidth (NumPy sums of a 512 MB array, one slice per
+  thread); :func:`weight_bytes` the bytes of a model's weights as factrace holds them: together the
+  weight-streaming floor of a forward pass.
+- :func:`forward_flops` counts the FLOPs of a forward pass of any model; :func:`cpu_model` names the CPU.
 - :func:`gpt2_small_pair` builds one GPT-2-small-shaped model with random weights, saves it with
-  ``save_pretrained`` (safetensors) and loads it both as a transformers ``GPT2LMHeadModel`` and with
-  ``factrace.load`` from that directory, so both run identical weights.
+  ``save_pretrained`` (safetensors, float32 or bfloat16) and loads it both as a transformers
+  ``GPT2LMHeadModel`` (float32) and with ``factrace.load`` from that directory, so both run identical
+  weights.
 - :func:`print_table` prints rows of columns aligned.
 """
 from __future__ import annotations
@@ -55,26 +60,88 @@ def bench(fn, warmup: int = 2, repeat: int = 5, min_time: float = 0.0) -> dict:
     return {"best": min(times), "median": statistics.median(times), "n": len(times)}
 
 
-def sgemm_gflops(M: int, N: int, K: int, repeat: int = 5) -> float:
-    """GFLOP/s of the linked OpenBLAS on C (M, N) = A (M, K) @ B (N, K)^T (best of ``repeat``)."""
+def sgemm_gflops(M: int, N: int, K: int, threads: int = 1, repeat: int = 5) -> float:
+    """GFLOP/s of the linked OpenBLAS on C (M, N) = A (M, K) @ B (N, K)^T on ``threads`` threads (best of
+    ``repeat``)."""
     from factrace import _core
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((M, K), dtype=np.float32)
     b = rng.standard_normal((N, K), dtype=np.float32)
-    t = bench(lambda: _core.sgemm(a, b), warmup=1, repeat=repeat)["best"]
+    t = bench(lambda: _core.sgemm(a, b, threads), warmup=1, repeat=repeat)["best"]
     return 2.0 * M * N * K / t / 1e9
+
+
+def read_bandwidth(threads: int, mbytes: int = 512, repeat: int = 5) -> float:
+    """Memory read bandwidth in GB/s: ``threads`` Python threads each sum one slice of a float32 array of
+    ``mbytes`` MB (NumPy releases the GIL); best of ``repeat``."""
+    import threading
+
+    a = np.ones(mbytes * (1 << 20) // 4, np.float32)
+    parts = np.array_split(a, threads)
+
+    def once():
+        ts = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    t = bench(once, warmup=1, repeat=repeat)["best"]
+    return a.nbytes / t / 1e9
+
+
+def weight_bytes(m) -> int:
+    """Bytes of a factrace model's weights as it holds them (each array once)."""
+    seen, total = set(), 0
+    for w in m.weights.values():
+        base = getattr(w, "data", w)
+        while getattr(base, "base", None) is not None:
+            base = base.base
+        if id(base) not in seen:
+            seen.add(id(base))
+            total += base.nbytes
+    return total
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def forward_flops(cfg, lens) -> int:
+    """FLOPs (2 per multiply-add) of a forward pass with all logits, for any factrace ModelConfig: per
+    token and layer the q/k/v, output and MLP products (gated: three F x d matrices), the unembedding per
+    token, and per sequence, layer and head the causal QK^T and AV (query i attends to i + 1 keys, or the
+    sliding window)."""
+    d, F, V, L, H, KV, dh = (cfg.d_model, cfg.d_mlp, cfg.vocab_size, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
+                             cfg.d_head)
+    N = int(sum(lens))
+    per_tok = L * (d * (H + 2 * KV) * dh + H * dh * d + (3 if cfg.gated_mlp else 2) * d * F) + d * V
+    attn = 0
+    for l in range(L):
+        w = cfg.layer_window[l] if cfg.layer_window else 0
+        attn += sum(sum(min(i + 1, w) if w else i + 1 for i in range(n)) for n in lens) * H * dh * 2
+    return 2 * (N * per_tok + attn)
 
 
 GPT2_SMALL = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
 
 
-def gpt2_small_pair(seed: int = 0, tmpdir: str | None = None, **overrides):
+def gpt2_small_pair(seed: int = 0, tmpdir: str | None = None, dtype: str = "float32", **overrides):
     """(factrace model, transformers GPT2LMHeadModel, directory) with identical random weights.
 
-    The torch model is in eval mode, float32, default (sdpa) attention; factrace loads the directory that
-    ``save_pretrained`` wrote (safetensors). Keep the returned directory object alive while using the
-    models (factrace may memory-map the weights)."""
+    The checkpoint is saved (safetensors) in ``dtype`` ("float32" or "bfloat16"); factrace loads that
+    directory and keeps the weights as stored; the torch model is loaded from it in float32 (eval mode,
+    default sdpa attention), as Hugging Face-exact users run a bf16 checkpoint. Keep the returned directory
+    object alive while using the models."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -82,25 +149,13 @@ def gpt2_small_pair(seed: int = 0, tmpdir: str | None = None, **overrides):
 
     cfg = GPT2Config(**{**GPT2_SMALL, **overrides})
     torch.manual_seed(seed)
-    tm = GPT2LMHeadModel(cfg).eval().float()
+    tm = GPT2LMHeadModel(cfg).eval()
     d = tempfile.TemporaryDirectory(dir=tmpdir, prefix="factrace-bench-")
-    tm.save_pretrained(d.name, safe_serialization=True)
+    tm.to(getattr(torch, dtype)).save_pretrained(d.name, safe_serialization=True)
+    if dtype != "float32":
+        tm = GPT2LMHeadModel.from_pretrained(d.name, torch_dtype=torch.float32).eval()
     fm = factrace.load(d.name)
     return fm, tm, d
-
-
-def gpt2_forward_flops(cfg, lens) -> int:
-    """Exact multiply-add FLOPs (2 per MAC) of factrace's GPT-2 forward with all logits.
-
-    Per token and layer: QKV (d -> 3d), out proj (d -> d), MLP (d -> F -> d); lm_head (d -> V) per token;
-    attention per sequence of length n, per layer and head: QK^T and AV over the causal triangle
-    (query i attends to i + 1 keys), dh MACs each."""
-    d, F, V, L, H, dh = cfg.d_model, cfg.d_mlp, cfg.vocab_size, cfg.n_layers, cfg.n_heads, cfg.d_head
-    N = int(sum(lens))
-    dense = N * L * (d * 3 * d + d * d + 2 * d * F) + N * d * V
-    pairs = sum(n * (n + 1) // 2 for n in lens)
-    attn = L * H * pairs * dh * 2
-    return 2 * (dense + attn)
 
 
 def print_table(rows, header=None) -> None:

@@ -616,7 +616,9 @@ static PyObject *py_convert(PyObject *mod, PyObject *args) {
 /* sgemm(a (M, K), b (N, K)) -> a @ b.T with the linked BLAS (for benchmarks) */
 static PyObject *py_sgemm(PyObject *mod, PyObject *args) {
     PyObject *oa, *ob;
-    if (!PyArg_ParseTuple(args, "OO", &oa, &ob)) return NULL;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OO|i", &oa, &ob, &threads)) return NULL;
+    if (threads < 1 || threads > 1024) { PyErr_SetString(PyExc_ValueError, "threads must be in [1, 1024]"); return NULL; }
     PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(oa, NPY_FLOAT32, 2, 2, NPY_ARRAY_CARRAY_RO);
     PyArrayObject *b = a ? (PyArrayObject *)PyArray_FROMANY(ob, NPY_FLOAT32, 2, 2, NPY_ARRAY_CARRAY_RO) : NULL;
     if (!b) { Py_XDECREF(a); return NULL; }
@@ -632,8 +634,10 @@ static PyObject *py_sgemm(PyObject *mod, PyObject *args) {
         const float *pa = PyArray_DATA(a), *pb = PyArray_DATA(b);
         float *pc = PyArray_DATA(c);
         Py_BEGIN_ALLOW_THREADS
+        if (threads > 1) openblas_set_num_threads(threads); /* OpenBLAS's own threads, for this call only */
         if (K > 0) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)N, (int)K, 1.0f, pa, (int)K, pb, (int)K, 0.0f, pc, (int)N);
         else memset(pc, 0, sizeof(float) * M * N);
+        if (threads > 1) openblas_set_num_threads(1);
         Py_END_ALLOW_THREADS
     }
     Py_DECREF(a); Py_DECREF(b);
@@ -733,7 +737,9 @@ static PyObject *py_dequant_rows(PyObject *mod, PyObject *args) {
 
 static PyMethodDef module_methods[] = {
     {"convert", py_convert, METH_VARARGS, "convert(raw_uint16, 'f16'|'bf16') -> float32 array (exact)"},
-    {"sgemm", py_sgemm, METH_VARARGS, "sgemm(a (M,K), b (N,K)) -> a @ b.T computed by the linked OpenBLAS"},
+    {"sgemm", py_sgemm, METH_VARARGS,
+     "sgemm(a (M,K), b (N,K), threads=1) -> a @ b.T by the linked OpenBLAS on its own threads (a benchmark\n"
+     "reference: do not run factrace models meanwhile)"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> OpenBLAS threads (1: factrace's pool owns the threads)"},
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_VARARGS | METH_KEYWORDS,
      "matmul(x, w, bias=None, threads=1) -> x @ w^T (+ bias), w float32 or a weight as stored"},

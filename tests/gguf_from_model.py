@@ -54,7 +54,7 @@ def representable(cfg) -> str:
 
 
 def write_gguf(m, path) -> None:
-    """Write model ``m`` (F32 tensors) to ``path`` as llama.cpp would, for its table entry."""
+    """Write model ``m`` (its weights as F32 tensors) to ``path`` as llama.cpp would, for its table entry."""
     import gguf
 
     cfg = m.config
@@ -90,7 +90,7 @@ def write_gguf(m, path) -> None:
             continue
         for i in [None] if t.glob else range(cfg.n_layers):
             names = list(t.to) if t.glob else [f"blocks.{i}.{x}" for x in t.to]
-            parts = [m.weights.get(n) for n in names]
+            parts = [m.W(n) for n in names]
             if any(p is None for p in parts):
                 continue  # an optional tensor this model does not have
             shapes = [canonical_shape(x, cfg) for x in t.to]

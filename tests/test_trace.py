@@ -34,11 +34,12 @@ def _deep_model(name, n_layers, seed=0):
     cfg = copy.deepcopy(m.config)
     L0 = cfg.n_layers
     rs = np.random.RandomState(seed)
-    w = {k: v for k, v in m.weights.items() if not k.startswith("blocks.")}
+    w = {k: m.W(k) for k in m.weights if not k.startswith("blocks.")}
     for i in range(n_layers):
-        for k, v in m.weights.items():
+        for k in m.weights:
             pre = f"blocks.{i % L0}."
             if k.startswith(pre):
+                v = m.W(k)  # float32
                 w[f"blocks.{i}." + k[len(pre):]] = (v + rs.randn(*v.shape).astype(np.float32) * 0.02).astype(np.float32)
     cfg.n_layers = n_layers
     cfg.layer_window = [cfg.layer_window[i % L0] if cfg.layer_window else 0 for i in range(n_layers)]
