@@ -269,3 +269,39 @@ def test_matches_independent_torch_reference(name):
         assert r.answer == answer
         assert abs(r.low_score - low) < 1e-5 and abs(r.high_score - high) < 1e-5
         np.testing.assert_allclose(r.scores, ref_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen3", "gemma3"])
+def test_positions_compute_those_rows_only(name):
+    m = fixture_model(name)
+    ids = expected(name)["p1_ids"][:10]
+    span = (2, 5)
+    full = trace_all(m, ids, span, noise=0.5, samples=3, window=3)
+    for positions, rows in (("last_subject", [4]), ([3, -1], [3, 9]), ([0, 6], [0, 6])):
+        part = trace_all(m, ids, span, noise=0.5, samples=3, window=3, positions=positions)
+        for kind, r in part.items():
+            for t in range(len(ids)):
+                if t < span[0]:  # before the subject: low_score, whatever is asked
+                    np.testing.assert_array_equal(r.scores[t], r.low_score)
+                elif t in rows:
+                    np.testing.assert_allclose(r.scores[t], full[kind].scores[t], atol=1e-6, err_msg=f"{kind} {t}")
+                else:
+                    assert np.isnan(r.scores[t]).all(), (kind, t)
+    naive = trace(m, ids, span, kind="mlp", noise=0.5, samples=3, window=3, engine="naive", positions=[4])
+    np.testing.assert_allclose(naive.scores[4], full["mlp"].scores[4], atol=1e-5)
+    assert np.isnan(naive.scores[5]).all()
+    with pytest.raises(ValueError, match="positions"):
+        trace(m, ids, span, positions="middle")
+    with pytest.raises(ValueError, match="not a token position"):
+        trace(m, ids, span, positions=[len(ids)])
+
+
+def test_trace_dataset_last_subject_only():
+    m = fixture_model("gpt2")
+    recs = [{"prompt": "a b c d e", "subject": "b c", "attribute": "x"}]
+    dt = factrace.trace_dataset(m, recs, known_only=False, progress=False, samples=2, noise=0.5,
+                                positions="last_subject")
+    assert set(dt.frame.category) == {"last subject token"}
+    ls = dt.last_subject_effects()
+    assert len(ls) == 3 * m.config.n_layers
+

@@ -150,12 +150,14 @@ class TraceResult:
 class _Tracer:
     """Clean and corrupted runs of one prompt, shared by every cell of every kind."""
 
-    def __init__(self, m: Model, ids, span, samples, noise, seed, target, reference_noise_draws=1):
+    def __init__(self, m: Model, ids, span, samples, noise, seed, target, reference_noise_draws=1, positions=None):
         self.m = m
         c = m.config
         self.ids = np.asarray(ids, np.int32)
         self.T = len(self.ids)
         self.b, self.e = span
+        # the positions traced from the subject on (earlier cells equal low_score and cost nothing)
+        self.ts = [t for t in _positions(positions, self.T, span) if t >= self.b]
         self.S = samples
         self.level = float(noise)
         self.L, self.d = c.n_layers, c.d_model
@@ -268,14 +270,23 @@ class _Tracer:
             return (out, cap["resid_mid"][start_layer]) if capture_mid else out
         return out.reshape(len(positions), S).mean(1)
 
+    def empty_scores(self) -> np.ndarray:
+        """(T, L): low_score before the subject (restoring there changes nothing), NaN on the rows from
+        the subject on that are not traced (``self.ts``: the positions asked for)."""
+        scores = np.full((self.T, self.L), self.low)
+        scores[[t for t in range(self.b, self.T) if t not in set(self.ts)]] = np.nan
+        return scores
+
     def hidden_scores(self) -> np.ndarray:
-        T, L = self.T, self.L
-        scores = np.full((T, L), self.low)
-        ts = list(range(self.b, T))
+        T, L, ts = self.T, self.L, self.ts
+        scores = self.empty_scores()
+        if not ts:
+            return scores
         for l in range(L - 1):
-            scores[self.b:, l] = self._restore(l + 1, ts, first_rows_value=self.clean_post[l, self.b:])
+            scores[ts, l] = self._restore(l + 1, ts, first_rows_value=self.clean_post[l, ts])
         # last layer: only the last position's final state matters; restoring it gives the clean run
-        scores[T - 1, L - 1] = self.high
+        if T - 1 in ts:
+            scores[T - 1, L - 1] = self.high
         return scores
 
     def _row_step(self, layer, x, attn_value):
@@ -289,7 +300,7 @@ class _Tracer:
         out = np.empty((R, d), np.float32)
         self.m._core.forward(np.ones(R, np.int32), resid_in=np.ascontiguousarray(x.reshape(R, d), dtype=np.float32),
                              start_layer=layer, end_layer=layer + 1,
-                             seq_starts=np.repeat(np.arange(self.b, self.T), S).astype(np.int32),
+                             seq_starts=np.repeat(np.array(self.ts), S).astype(np.int32),
                              prefix_k=cor["k_cache"], prefix_v=cor["v_cache"],
                              prefix_rows=np.tile(np.arange(S) * self.T, n_t).astype(np.int64),
                              capture={"resid_final": out},
@@ -316,12 +327,13 @@ class _Tracer:
             and run to the logits unrestored, and the trunk's block h is taken from the branch's (it
             differs only at row t, which is set from the branch's resid_mid, or stepped alone)."""
         T, L, S, d = self.T, self.L, self.S, self.d
-        b = self.b
         site = iv.SITES[kind + "_out"]
         clean = self.clean.mlp_out if kind == "mlp" else self.clean.attn_out
         cor = self.corrupt[0]
-        scores = np.full((T, L), self.low)
-        ts = list(range(b, T))
+        scores = self.empty_scores()
+        ts = self.ts
+        if not ts:
+            return scores
         first_idx = self._first_rows(ts)
         lo_of = lambda l: max(0, l - window // 2)  # noqa: E731
         hi_of = lambda l: min(L, l - (-window // 2))  # noqa: E731
@@ -329,12 +341,12 @@ class _Tracer:
         def block_out_row_t(lo, x_t):
             """(n_t, S, d) row t's output of block lo with the kind's output restored; x_t its inputs."""
             if kind == "mlp":
-                mid = cor["resid_mid"][lo].reshape(S, T, d)[:, b:].transpose(1, 0, 2)  # (n_t, S, d)
-                return mid + clean[lo, b:][:, None]                                   # float32 add as in C
-            return self._row_step(lo, x_t, clean[lo, b:])
+                mid = cor["resid_mid"][lo].reshape(S, T, d)[:, ts].transpose(1, 0, 2)  # (n_t, S, d)
+                return mid + clean[lo, ts][:, None]                                   # float32 add as in C
+            return self._row_step(lo, x_t, clean[lo, ts])
 
         def corrupted_row_t(layer):
-            return cor["resid_pre"][layer].reshape(S, T, d)[:, b:].transpose(1, 0, 2)
+            return cor["resid_pre"][layer].reshape(S, T, d)[:, ts].transpose(1, 0, 2)
 
         def patch_fn(layers):
             return lambda ti, s: [(site, j, clean[j, ts[ti]]) for j in layers]
@@ -358,14 +370,14 @@ class _Tracer:
                     p = self._restore(h + 1, ts, inputs=Xb)
                     # the trunk through block h = the branch's, with row t restored
                     if kind == "mlp":
-                        row_t = mid[first_idx] + np.repeat(clean[h, b:], S, axis=0)
+                        row_t = mid[first_idx] + np.repeat(clean[h, ts], S, axis=0)
                     else:
-                        row_t = self._row_step(h, X[first_idx].reshape(len(ts), S, d), clean[h, b:]).reshape(-1, d)
+                        row_t = self._row_step(h, X[first_idx].reshape(len(ts), S, d), clean[h, ts]).reshape(-1, d)
                     X = Xb
                     X[first_idx] = row_t
                     cur = h + 1
             for l in cells_ending[h]:
-                scores[b:, l] = p
+                scores[ts, l] = p
 
         # (1) every other cell from its own entry
         for l in range(L):
@@ -373,17 +385,17 @@ class _Tracer:
             if lo == 0:
                 continue
             first = block_out_row_t(lo, corrupted_row_t(lo))
-            scores[b:, l] = self._restore(lo + 1, ts, first_rows_value=first, patches=patch_fn(range(lo + 1, hi_of(l))))
+            scores[ts, l] = self._restore(lo + 1, ts, first_rows_value=first, patches=patch_fn(range(lo + 1, hi_of(l))))
         return scores
 
     # -- naive: every cell a full forward pass of the S corrupted rows ----------------------------
-    def naive_scores(self, kind: str, window: int) -> np.ndarray:
+    def naive_scores(self, kind: str, window: int, positions=None) -> np.ndarray:
         T, L, S = self.T, self.L, self.S
         noised = self.corrupt[0]["noised"].reshape(S, self.e - self.b, self.d)
         noise_iv = [iv.set_values("embed", noised[s], positions=range(self.b, self.e), seq=s) for s in range(S)]
         batch = [self.ids] * S
-        scores = np.empty((T, L))
-        for t in range(T):
+        scores = np.full((T, L), np.nan)
+        for t in _positions(positions, T, (self.b, self.e)):
             for l in range(L):
                 if kind == "hidden":
                     rest = [iv.set_values("resid_post", self.clean_post[l, t], layers=l, positions=t)]
@@ -397,9 +409,26 @@ class _Tracer:
 
 
 
+def _positions(positions, T: int, span) -> list:
+    """The token positions a trace computes, sorted: all (None), ``"last_subject"`` (e - 1, the one row
+    the cross-architecture study reads), or a list of positions (negative ones count from the end)."""
+    if positions is None:
+        return list(range(T))
+    if isinstance(positions, str):
+        if positions != "last_subject":
+            raise ValueError(f"positions must be None, 'last_subject' or a list of positions, got {positions!r}")
+        return [span[1] - 1]
+    out = set()
+    for p in np.atleast_1d(positions):
+        if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, np.integer)) or not -T <= int(p) < T:
+            raise ValueError(f"position {p!r} is not a token position of a {T}-token prompt")
+        out.add(int(p) % T)
+    return sorted(out)
+
+
 def trace(m: Model, prompt, subject, kind: str = "hidden", window: int = 10, samples: int = 10, noise="s3",
           seed: int = 1, target=None, engine: str = "fast", add_special_tokens: bool = True,
-          noise_subjects=None) -> TraceResult:
+          noise_subjects=None, positions=None) -> TraceResult:
     """Causal trace of one fact (ROME): restore each (token, layer) state of a corrupted run.
 
     Args:
@@ -420,6 +449,10 @@ def trace(m: Model, prompt, subject, kind: str = "hidden", window: int = 10, sam
         engine: ``"fast"`` (default) or ``"naive"`` (every cell a full forward pass; for tests).
         add_special_tokens: tokenize a str prompt with the model's special tokens (default True; ROME's
             setting; the cross-architecture study uses False).
+        positions: the rows of the grid to compute: None (default, every token: ROME's heatmaps and six
+            category averages need them all), ``"last_subject"`` (only e - 1: what the cross-architecture
+            study reads; about T - b times less work), or a list of positions. Rows not computed are NaN
+            (rows before the subject are low_score whatever is asked: restoring there changes nothing).
 
     Returns: :class:`TraceResult` with ``scores`` (T, L).
 
@@ -438,13 +471,13 @@ def trace(m: Model, prompt, subject, kind: str = "hidden", window: int = 10, sam
     ids, offs, text = _ids_and_offsets(m, prompt, add_special_tokens)
     span = _span(ids, offs, text, subject)
     level = _noise_value(m, noise, noise_subjects)
-    tr = _Tracer(m, ids, span, samples, level, seed, target)
-    return _result(m, tr, kind, window, engine, text)
+    tr = _Tracer(m, ids, span, samples, level, seed, target, positions=positions)
+    return _result(m, tr, kind, window, engine, text, positions)
 
 
-def _result(m, tr: "_Tracer", kind, window, engine, text) -> TraceResult:
+def _result(m, tr: "_Tracer", kind, window, engine, text, positions=None) -> TraceResult:
     if engine == "naive":
-        scores = tr.naive_scores(kind, window)
+        scores = tr.naive_scores(kind, window, positions)
     elif kind == "hidden":
         scores = tr.hidden_scores()
     else:
@@ -457,10 +490,11 @@ def _result(m, tr: "_Tracer", kind, window, engine, text) -> TraceResult:
 
 
 def trace_all(m: Model, prompt, subject, kinds=KINDS, window: int = 10, samples: int = 10, noise="s3", seed: int = 1,
-              target=None, engine: str = "fast", add_special_tokens: bool = True, noise_subjects=None) -> dict:
+              target=None, engine: str = "fast", add_special_tokens: bool = True, noise_subjects=None, positions=None) -> dict:
     """Every kind of :func:`trace` for one fact, sharing the clean and corrupted runs.
 
-    Arguments and defaults as :func:`trace` (``kinds`` a subset of ("hidden", "mlp", "attn")). Returns
+    Arguments and defaults as :func:`trace` (``kinds`` a subset of ("hidden", "mlp", "attn"); ``positions``
+    the rows computed, e.g. ``"last_subject"``). Returns
     {kind: TraceResult}, each with ``scores`` (T, L), and the same numbers as separate :func:`trace`
     calls with the same seed. This is the fast way to get the three ROME heatmaps of a fact.
 
@@ -473,6 +507,6 @@ def trace_all(m: Model, prompt, subject, kinds=KINDS, window: int = 10, samples:
     ids, offs, text = _ids_and_offsets(m, prompt, add_special_tokens)
     span = _span(ids, offs, text, subject)
     level = _noise_value(m, noise, noise_subjects)
-    tr = _Tracer(m, ids, span, samples, level, seed, target)
-    return {k: _result(m, tr, k, window, engine, text) for k in kinds}
+    tr = _Tracer(m, ids, span, samples, level, seed, target, positions=positions)
+    return {k: _result(m, tr, k, window, engine, text, positions) for k in kinds}
 

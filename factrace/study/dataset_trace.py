@@ -124,10 +124,10 @@ class DatasetTrace:
         return fig
 
 
-def _trace_rows(m, fid, rec, answer, kinds, window, samples, noise, seed, add_special_tokens):
+def _trace_rows(m, fid, rec, answer, kinds, window, samples, noise, seed, add_special_tokens, positions=None):
     prompt, subj = _field(rec, "prompt"), _field(rec, "subject")
     res = trace_all(m, prompt, subj, kinds=kinds, window=window, samples=samples, noise=noise, seed=seed,
-                    target=answer, add_special_tokens=add_special_tokens)
+                    target=answer, add_special_tokens=add_special_tokens, positions=positions)
     rows = []
     first = next(iter(res.values()))
     T = len(first.tokens)
@@ -136,6 +136,8 @@ def _trace_rows(m, fid, rec, answer, kinds, window, samples, noise, seed, add_sp
     for kind, r in res.items():
         for cat, positions in cats.items():
             for t in positions:
+                if np.isnan(r.scores[t]).all():
+                    continue  # a row not traced (``positions``)
                 for l in range(r.scores.shape[1]):
                     rows.append((fid, kind, t, l, cat, r.scores[t, l], r.scores[t, l] - r.low_score))
     fact = dict(fact=fid, prompt=prompt, subject=subj, answer=first.answer_str, n_tokens=T, b=b, e=e,
@@ -145,7 +147,7 @@ def _trace_rows(m, fid, rec, answer, kinds, window, samples, noise, seed, add_sp
 
 def trace_dataset(m: Model, records, kinds=KINDS, window: int = 10, samples: int = 10, noise="s3", seed: int = 1,
                   n: int | None = None, known_only: bool = True, add_special_tokens: bool = True,
-                  progress: bool = True, client=None, chunk: int = 4) -> DatasetTrace:
+                  progress: bool = True, client=None, chunk: int = 4, positions=None) -> DatasetTrace:
     """Trace many facts: keep those the model gets right, trace each kind, and tabulate.
 
     Args:
@@ -156,6 +158,9 @@ def trace_dataset(m: Model, records, kinds=KINDS, window: int = 10, samples: int
         n: trace at most the first ``n`` known facts (the study uses 100).
         known_only: filter by exact first-token match (default True).
         progress: show a progress bar (tqdm if installed).
+        positions: the rows traced per fact (:func:`factrace.trace`): None (all: ROME's six category
+            averages need them) or ``"last_subject"`` (the cross-architecture study's one row, e - 1;
+            ``frame`` then holds only the last-subject-token category).
         client: a ``dask.distributed.Client`` (or anything with ``submit``/``gather``): facts are shared
             among its workers, each of which loads the model (from ``m.source``) once; results equal the
             local run's.
@@ -178,7 +183,7 @@ def trace_dataset(m: Model, records, kinds=KINDS, window: int = 10, samples: int
         known = known[:n]
     level = _noise_value(m, noise, [_field(r, "subject") for r in records if _field(r, "subject")])
     kw = dict(kinds=tuple(kinds), window=window, samples=samples, noise=level, seed=seed,
-              add_special_tokens=add_special_tokens)
+              add_special_tokens=add_special_tokens, positions=positions)
     rows, facts, interrupted = [], [], False
     items = [(i, r, a) for i, (r, a) in enumerate(known)]
     try:

@@ -78,7 +78,8 @@ def run_report(models, dataset="known_1000", n: int | None = 100, out="report", 
                window: int = 10, knockout_window: int = 5, objects=None, client=None, progress: bool = True, *,
                dataset_path=None, add_special_tokens="auto", noise="s3", seed: int = 1, encoder=None,
                corpus=None, tau: float = 0.7, chunk: int = 10, labels=None, known_only: bool = True,
-               check_all: bool = False, settings: StudySettings | None = None) -> ReportResult:
+               check_all: bool = False, positions: str | None = None,
+               settings: StudySettings | None = None) -> ReportResult:
     """Run the cross-architecture study on several models and write a report (see the module docstring).
 
     Args:
@@ -93,8 +94,8 @@ def run_report(models, dataset="known_1000", n: int | None = 100, out="report", 
             sentence-transformers is installed; True requires it), ``add_special_tokens`` ("auto": off
             except for Gemma), ``noise`` ("s3"), ``seed`` (1), ``corpus`` (reference texts, a list or a
             file with one document per line; default the words of each fact's prompt, subject and
-            attribute), ``tau`` (0.7), ``chunk`` (10), ``known_only`` (True), ``check_all`` (False); see
-            :class:`StudySettings` for their meaning.
+            attribute), ``tau`` (0.7), ``chunk`` (10), ``known_only`` (True), ``check_all`` (False),
+            ``positions`` (None: every token; ``"last_subject"``); see :class:`StudySettings`.
         client: a ``dask.distributed.Client`` to spread the restoration traces over (default: local).
         progress: progress bars (default True).
         dataset_path: forwarded to ``load_dataset`` (a file or a data folder).
@@ -117,7 +118,7 @@ def run_report(models, dataset="known_1000", n: int | None = 100, out="report", 
         settings = StudySettings(n=n, kinds=tuple(kinds), samples=samples, window=window,
                                  knockout_window=knockout_window, noise=noise, seed=seed,
                                  add_special_tokens=add_special_tokens, known_only=known_only, check_all=check_all,
-                                 objects=objects, tau=tau, corpus=corpus, chunk=chunk)
+                                 objects=objects, tau=tau, corpus=corpus, chunk=chunk, positions=positions)
     if isinstance(models, (str, os.PathLike, factrace.Model)):
         models = [models]
     models = list(models)
@@ -153,6 +154,7 @@ def run_report(models, dataset="known_1000", n: int | None = 100, out="report", 
     shown["kinds"] = "/".join(settings.kinds)
     shown["add_special_tokens"] = ", ".join(f"{k}: {'on' if v else 'off'}" for k, v in result.special.items())
     shown["corpus"] = "BM25 corpus" if settings.corpus else "prompt/subject/attribute words"
+    shown["positions"] = "last subject token only" if settings.positions else "every token"
     result.markdown, result.html = _documents(out, tables, figs, shown, result.messages, result.seconds)
     result.tables = tables
     return result
@@ -214,6 +216,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--special-tokens", choices=["auto", "on", "off"], default="auto",
                         help="tokenize with special tokens: off (the study), on, or auto (default: off except for "
                              "Gemma, which needs its BOS)")
+    parser.add_argument("--positions", choices=["all", "last_subject"], default="all",
+                        help="rows of each causal trace: every token (default; the category averages need them) "
+                             "or only the last subject token (what the per-layer curves and Gini read)")
     parser.add_argument("--check-all", action="store_true",
                         help="check every record for whether the model knows it (default: stop at n known)")
     g = parser.add_mutually_exclusive_group()
@@ -229,7 +234,8 @@ def settings_from_args(a) -> StudySettings:
     return StudySettings(n=a.n, kinds=tuple(a.kind or KINDS), samples=a.samples, window=a.window,
                          knockout_window=a.knockout_window, noise=a.noise if a.noise.startswith("s") else float(a.noise),
                          seed=a.seed, add_special_tokens={"auto": "auto", "on": True, "off": False}[a.special_tokens],
-                         check_all=a.check_all, objects=a.objects, corpus=a.corpus)
+                         check_all=a.check_all, objects=a.objects, corpus=a.corpus,
+                         positions=None if a.positions == "all" else a.positions)
 
 
 def main_from_args(a) -> None:

@@ -44,6 +44,10 @@ class StudySettings:
         corpus: reference documents for the objects rate (a tuple of strings; None: the words of each fact's
             prompt, subject and attribute); a file name is read by :meth:`resolved`.
         chunk: facts per saved chunk within a stage (10).
+        positions: the rows of each causal trace: None (all tokens, default: the report's six-category
+            averages need them) or ``"last_subject"`` (only the last subject token: the per-layer curves,
+            peaks and Gini the study reads, at a fraction of the cost; the category averages then show that
+            category only). The report records which was run.
     """
 
     n: int | None = 100
@@ -60,6 +64,7 @@ class StudySettings:
     tau: float = 0.7
     corpus: tuple | str | None = None
     chunk: int = 10
+    positions: str | None = None
 
     def __post_init__(self):
         kinds = tuple(self.kinds)
@@ -72,6 +77,8 @@ class StudySettings:
             raise ValueError("samples, window, knockout_window and chunk must be >= 1")
         if isinstance(self.noise, str) and not re.fullmatch(r"s\d*(\.\d+)?", self.noise):
             raise ValueError(f"noise must be a number or 's<k>' (e.g. 's3'), got {self.noise!r}")
+        if self.positions not in (None, "last_subject"):
+            raise ValueError(f"positions must be None or 'last_subject', got {self.positions!r}")
         if self.add_special_tokens not in (True, False, "auto"):
             raise ValueError(f"add_special_tokens must be True, False or 'auto', got {self.add_special_tokens!r}")
 

@@ -140,7 +140,7 @@ def _stage_known(m, records, special, s: StudySettings, block=64):
 def _stage_restoration(m, facts, level, special, s: StudySettings, client):
     dt = trace_dataset(m, [{k: f[k] for k in ("prompt", "subject", "attribute")} for f in facts], kinds=s.kinds,
                        window=s.window, samples=s.samples, noise=level, seed=s.seed, known_only=False,
-                       add_special_tokens=special, progress=False, client=client)
+                       add_special_tokens=special, progress=False, client=client, positions=s.positions)
     if dt.interrupted:
         raise KeyboardInterrupt
     ids = np.array([f["fact"] for f in facts])
