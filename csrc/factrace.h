@@ -19,15 +19,26 @@
 enum { NORM_LAYER = 0, NORM_RMS = 1 };
 enum { ACT_GELU_TANH = 0, ACT_SILU = 1, ACT_GELU_ERF = 2, ACT_RELU = 3 };
 
-/* Intervention sites: where a patch acts. */
+/* Intervention sites: where a patch acts, and the vector of one row it acts on (its width). Per layer
+ * unless noted; in the order a block computes them. */
 enum {
-    SITE_EMBED = 0,      /* token-embedding output (before learned positions are added) (N, d) */
-    SITE_ATTN_OUT = 1,   /* what the attention sub-block adds to the residual (N, d) per layer */
-    SITE_MLP_OUT = 2,    /* what the MLP sub-block adds to the residual (N, d) per layer */
-    SITE_RESID_POST = 3, /* block output = next block's input (N, d) per layer */
-    N_SITES = 4
+    SITE_EMBED = 0,      /* token-embedding output (before learned positions are added), no layer (d) */
+    SITE_ATTN_OUT = 1,   /* what the attention sub-block adds to the residual (d) */
+    SITE_MLP_OUT = 2,    /* what the MLP sub-block adds to the residual (d) */
+    SITE_RESID_POST = 3, /* block output = next block's input (d) */
+    SITE_RESID_PRE = 4,  /* block input, before the first norm (d) */
+    SITE_RESID_MID = 5,  /* residual after the attention add (d; sequential blocks only) */
+    SITE_Q = 6,          /* queries: W_Q projection (+ bias), before q-norm and rotary (H*dh, head-major) */
+    SITE_K = 7,          /* keys: W_K projection (+ bias), before k-norm and rotary (KV*dh) */
+    SITE_V = 8,          /* values (KV*dh) */
+    SITE_Z = 9,          /* per-head mixed values, the input of W_O (H*dh) */
+    SITE_ATTN = 10,      /* attention probabilities of one query row and head over its keys (P) */
+    SITE_MLP_POST = 11,  /* MLP hidden activations, the input of W_down (F) */
+    N_SITES = 12
 };
-enum { OP_SET = 0, OP_ADD = 1, OP_ZERO = 2 };
+/* Operations on the elements [offset, offset + width) of a row's site vector, with value (width,):
+ * set, add, zero, multiply elementwise, and project out the direction value (x -= (x.u / u.u) u). */
+enum { OP_SET = 0, OP_ADD = 1, OP_ZERO = 2, OP_MUL = 3, OP_PROJECT = 4, N_OPS = 5 };
 
 typedef struct {
     int n_layers, n_heads, n_kv_heads, d_model, d_head, d_mlp, vocab_size, n_ctx;
@@ -85,7 +96,14 @@ typedef struct {
     int64_t pstride;          /* floats between layers in the prefix caches */
 } Batch;
 
-typedef struct { int site, layer, op; int64_t row; const float *value; /* (d,) */ } Patch;
+/* A patch of row `row` of a site in `layer` (-1 for SITE_EMBED): the elements offset .. offset+width-1 of
+ * the row's site vector (for SITE_ATTN: the probabilities of keys offset .. of query head `head`). */
+typedef struct {
+    int site, layer, op, head;
+    int64_t row, offset;
+    int width;
+    const float *value; /* (width,), NULL for OP_ZERO */
+} Patch;
 typedef struct { int layer; int64_t row; int key; /* absolute key position */ } EdgeBlock;
 
 /* Optional outputs: NULL pointers are not captured. Per-layer captures hold L layers of N rows each;
@@ -99,6 +117,10 @@ typedef struct {
     float *head_out;    /* (L, H, N, d) each head's share of attn_out without b_O */
     float *attn;        /* (L, H, sum_s len[s] * (start[s] + len[s])) attention probabilities */
     float *z;           /* (L, N, H*dh) attention mixed values (input of W_O) */
+    float *q;           /* (L, N, H*dh) queries before q-norm and rotary */
+    float *k;           /* (L, N, KV*dh) keys before k-norm and rotary */
+    float *v;           /* (L, N, KV*dh) values */
+    float *mlp_post;    /* (L, N, F) MLP hidden activations (input of W_down) */
     float *norm_scale_attn; /* (L, N) scale of the post-attention norm (Gemma), for exact head_out */
     float *k_cache;     /* (L, N, KV*dh) keys after norm and rope */
     float *v_cache;     /* (L, N, KV*dh) values */

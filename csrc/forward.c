@@ -186,6 +186,57 @@ static void rope_head(float *x, int dh, int pos, const float *inv_freq, float ms
     }
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* interventions                                                                                */
+
+/* One patch's operation on x (n,): set, add, zero, multiply, or project out the direction u = value. */
+static void patch_op(float *x, int n, int op, const float *u) {
+    switch (op) {
+    case OP_ZERO: memset(x, 0, sizeof(float) * n); break;
+    case OP_SET: memcpy(x, u, sizeof(float) * n); break;
+    case OP_ADD: for (int j = 0; j < n; j++) x[j] += u[j]; break;
+    case OP_MUL: for (int j = 0; j < n; j++) x[j] *= u[j]; break;
+    default: { /* OP_PROJECT: x -= (x.u / u.u) u, the dot products in double */
+        double xu = 0.0, uu = 0.0;
+        for (int j = 0; j < n; j++) { xu += (double)x[j] * u[j]; uu += (double)u[j] * u[j]; }
+        if (uu > 0.0) {
+            float c = (float)(xu / uu);
+            for (int j = 0; j < n; j++) x[j] -= c * u[j];
+        }
+    }
+    }
+}
+
+/* Apply the patches of (site, layer) to x (N, w): each acts on elements offset .. offset+width-1 of its
+ * row; want (N,) optional: only to these rows. */
+static void apply_patches(float *x, int w, int site, int layer, const Patch *p, int64_t np,
+                          const unsigned char *want) {
+    for (int64_t i = 0; i < np; i++) {
+        if (p[i].site != site || p[i].layer != layer || (want && !want[p[i].row])) continue;
+        patch_op(x + p[i].row * w + p[i].offset, p[i].width, p[i].op, p[i].value);
+    }
+}
+
+/* The patches of one site and layer copied into a new array (*n of them): the attention and MLP loops
+ * scan only these. NULL with *n = 0 when there are none; *n = -1 when out of memory. */
+static Patch *site_patches(const Patch *p, int64_t np, int site, int layer, int64_t *n) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < np; i++) k += p[i].site == site && p[i].layer == layer;
+    *n = 0;
+    if (!k) return NULL;
+    Patch *out = malloc(sizeof(Patch) * k);
+    if (!out) { *n = -1; return NULL; }
+    for (int64_t i = 0; i < np; i++)
+        if (p[i].site == site && p[i].layer == layer) out[(*n)++] = p[i];
+    return out;
+}
+
+/* The SITE_ATTN patches of (row, head) on that query's probabilities s (P,) (keys offset ..). */
+static void patch_probs(float *s, int64_t row, int head, const Patch *ap, int64_t nap) {
+    for (int64_t i = 0; i < nap; i++)
+        if (ap[i].row == row && ap[i].head == head) patch_op(s + ap[i].offset, ap[i].width, ap[i].op, ap[i].value);
+}
+
 typedef struct { float *out; const float *gate, *up; int64_t ld; int F, act; } ActLoop;
 
 /* Rows lo .. hi-1: out[r] (F,) = act(gate[r]) * up[r] (gated MLP) or act(up[r]); gate and up rows are ld
@@ -210,11 +261,47 @@ VECTOR_CLONES static void act_range(void *ctx, int64_t lo, int64_t hi, int tid) 
     }
 }
 
+/* What happens to the MLP's hidden activations act (N, F) of layer `layer` between the activation and
+ * W_down: the SITE_MLP_POST patches of that layer (p, np) and the mlp_post capture (cap: that layer's
+ * (N_batch, F) block, or NULL). Row j of act is row rows[j] of the batch (rows ascending; NULL: row j). */
+typedef struct { const Patch *p; int64_t np; int layer; const int64_t *rows; float *cap; } MlpHook;
+
+static int64_t local_row(const int64_t *rows, int64_t N, int64_t row) {
+    if (!rows) return row < N ? row : -1;
+    int64_t lo = 0, hi = N; /* binary search in the ascending rows */
+    while (lo < hi) {
+        int64_t mid = (lo + hi) / 2;
+        if (rows[mid] < row) lo = mid + 1; else hi = mid;
+    }
+    return lo < N && rows[lo] == row ? lo : -1;
+}
+
+/* apply_patches for a compact buffer x (n, w) whose row j is row rows[j] of the batch (rows ascending) */
+static void apply_patches_rows(float *x, int w, int site, int layer, const Patch *p, int64_t np, const int64_t *rows,
+                               int64_t n) {
+    for (int64_t i = 0; i < np; i++) {
+        int64_t j = p[i].site == site && p[i].layer == layer ? local_row(rows, n, p[i].row) : -1;
+        if (j >= 0) patch_op(x + j * w + p[i].offset, p[i].width, p[i].op, p[i].value);
+    }
+}
+
+static void mlp_post_hook(float *act, int64_t N, int F, const MlpHook *hk) {
+    for (int64_t i = 0; i < hk->np; i++) {
+        const Patch *p = &hk->p[i];
+        int64_t j = p->site == SITE_MLP_POST && p->layer == hk->layer ? local_row(hk->rows, N, p->row) : -1;
+        if (j >= 0) patch_op(act + j * F + p->offset, p->width, p->op, p->value);
+    }
+    if (hk->cap)
+        for (int64_t j = 0; j < N; j++)
+            memcpy(hk->cap + (hk->rows ? hk->rows[j] : j) * F, act + j * F, sizeof(float) * F);
+}
+
 /* out (N, d) = MLP(x (N, d)): h = norm(x); down(act(gate h) * up h) or down(act(up h)); Gemma: then the
  * post-MLP norm. h (N, d), up (N, F), gate (N, 2F) scratch: with gate and up fused at load
- * (lw->W_gate_up) one product fills gate with [gate | up] rows. */
+ * (lw->W_gate_up) one product fills gate with [gate | up] rows. hk: patches and capture of the hidden
+ * activations (mlp_post), or NULL. */
 static void mlp_rows(Pool *pool, int *oom, float *out, float *h, float *up, float *gate, const float *x, int64_t N,
-                     const LayerWeights *lw, const Config *c) {
+                     const LayerWeights *lw, const Config *c, const MlpHook *hk) {
     int d = c->d_model, F = c->d_mlp;
     norm_rows(pool, h, NULL, x, N, d, lw->ln2_w, lw->ln2_b, c->norm_eps, c->norm);
     ActLoop a = {up, c->gated_mlp ? gate : NULL, up, F, F, c->act};
@@ -227,6 +314,7 @@ static void mlp_rows(Pool *pool, int *oom, float *out, float *h, float *up, floa
         if (c->gated_mlp) project(pool, oom, gate, h, N, &lw->W_gate, lw->b_gate);
     }
     pool_for(pool, N, grain_of(pool, N, (int64_t)F * 8), act_range, &a);
+    if (hk) mlp_post_hook(up, N, F, hk);
     project(pool, oom, out, up, N, &lw->W_down, lw->b_down);
     if (c->post_norms) norm_rows(pool, out, NULL, out, N, d, lw->post_mlp_norm_w, NULL, c->norm_eps, NORM_RMS);
 }
@@ -293,25 +381,29 @@ static int softmax_row(float *s, int P, int lo, int pos, const unsigned char *bl
  *   S = softmax_row(S[i]) per row (masked entries exactly 0)
  *   z_h (n, dh; row stride H*dh) = S (n, P) @ v (P, dh; rows of stride ks)
  * S is the head's probability block when probs are captured, else the scratch sw (n, P). A fully masked
- * row gives z = 0, like the loop. */
+ * row gives z = 0, like the loop. The SITE_ATTN patches ap (nap) of rows r0 .. and head h act on the
+ * probabilities before the values are mixed (nothing is renormalised). */
 static void attend_head_gemm(float *z, float *S, const float *q, const float *k, const float *v, int ks, int n,
-                             int start, const Config *c, int window, const unsigned char *blocked) {
+                             int start, const Config *c, int window, const unsigned char *blocked, int64_t r0, int h,
+                             const Patch *ap, int64_t nap) {
     int dh = c->d_head, qd = c->n_heads * dh, P = start + n;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, P, dh, 1.0f, q, qd, k, ks, 0.0f, S, P);
     for (int i = 0; i < n; i++) {
         int pos = start + i;
         int lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
         softmax_row(S + (int64_t)i * P, P, lo, pos, blocked ? blocked + (int64_t)i * P : NULL, c);
+        if (nap) patch_probs(S + (int64_t)i * P, r0 + i, h, ap, nap);
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, dh, P, 1.0f, S, P, v, ks, 0.0f, z, qd);
 }
 
 /* One query head h over one sequence, row by row: dot products, softmax_row, weighted sum of values.
  * Rows not in want (n,) are skipped (their z and probs rows are left untouched). probs: the head's (n, P)
- * block or NULL; scores (P,) scratch. */
+ * block or NULL; scores (P,) scratch; SITE_ATTN patches as in attend_head_gemm. */
 static void attend_head_rows(float *z, float *probs, const float *q, const float *k, const float *v, int ks, int n,
                              int start, const Config *c, int window, const unsigned char *blocked,
-                             const unsigned char *want, float *scores) {
+                             const unsigned char *want, float *scores, int64_t r0, int h, const Patch *ap,
+                             int64_t nap) {
     int dh = c->d_head, qd = c->n_heads * dh, P = start + n;
     for (int i = 0; i < n; i++) {
         if (want && !want[i]) continue;
@@ -325,6 +417,7 @@ static void attend_head_rows(float *z, float *probs, const float *q, const float
             scores[j] = s;
         }
         softmax_row(scores, P, lo, pos, blocked ? blocked + (int64_t)i * P : NULL, c);
+        if (nap) patch_probs(scores, r0 + i, h, ap, nap);
         float *zi = z + (int64_t)i * qd;
         memset(zi, 0, sizeof(float) * dh);
         if (probs) memcpy(probs + (int64_t)i * P, scores, sizeof(float) * P);
@@ -334,21 +427,6 @@ static void attend_head_rows(float *z, float *probs, const float *q, const float
             const float *vj = v + (int64_t)j * ks;
             for (int t = 0; t < dh; t++) zi[t] += a * vj[t];
         }
-    }
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* interventions                                                                                */
-
-/* Apply the patches of (site, layer) to x (N, d); want (N,) optional: only to these rows. */
-static void apply_patches(float *x, int d, int site, int layer, const Patch *p, int64_t np,
-                          const unsigned char *want) {
-    for (int64_t i = 0; i < np; i++) {
-        if (p[i].site != site || p[i].layer != layer || (want && !want[p[i].row])) continue;
-        float *r = x + p[i].row * d;
-        if (p[i].op == OP_ZERO) memset(r, 0, sizeof(float) * d);
-        else if (p[i].op == OP_SET) memcpy(r, p[i].value, sizeof(float) * d);
-        else for (int j = 0; j < d; j++) r[j] += p[i].value[j];
     }
 }
 
@@ -364,6 +442,8 @@ typedef struct {
     const int64_t *row0, *attn_off;
     int64_t maxn, maxP;
     const unsigned char *want;
+    const Patch *ap;  /* SITE_ATTN patches of this layer */
+    int64_t nap;
     int failed;
 } AttnLoop;
 
@@ -427,10 +507,11 @@ static void attn_range(void *ctx, int64_t lo, int64_t hi, int tid) {
             float *zh = a->z + r0 * qd + h * dh;
             float *ph = a->probs ? a->probs + (int64_t)h * a->attn_total + a->attn_off[i] : NULL;
             if (n >= ATTN_GEMM_MIN_ROWS && !a->want)
-                attend_head_gemm(zh, ph ? ph : sw, qh, kh_all, vh_all, dh, n, st, c, a->window, blk);
+                attend_head_gemm(zh, ph ? ph : sw, qh, kh_all, vh_all, dh, n, st, c, a->window, blk, r0, h, a->ap,
+                                 a->nap);
             else
                 attend_head_rows(zh, ph, qh, kh_all, vh_all, dh, n, st, c, a->window, blk,
-                                 a->want ? a->want + r0 : NULL, scores);
+                                 a->want ? a->want + r0 : NULL, scores, r0, h, a->ap, a->nap);
         }
     }
     free(kh_all); free(vh_all); free(scores); free(blocked); free(sw);
@@ -445,12 +526,16 @@ static void attn_range(void *ctx, int64_t lo, int64_t hi, int tid) {
 static int attention_layer(Pool *pool, float *z, float *probs, int64_t attn_total, const float *q, const float *k,
                            const float *v, const Batch *b, int l, const Config *c, const EdgeBlock *blocks,
                            int64_t n_blocks, const int64_t *row0, const int64_t *attn_off, int64_t maxn,
-                           int64_t maxP, const unsigned char *want) {
+                           int64_t maxP, const unsigned char *want, const Patch *patches, int64_t n_patches) {
+    int64_t nap;
+    Patch *ap = site_patches(patches, n_patches, SITE_ATTN, l, &nap);
+    if (nap < 0) return -1;
     AttnLoop a = {z, probs, attn_total, q, k, v, b, l, c->layer_window ? c->layer_window[l] : 0, c, blocks,
-                  n_blocks, row0, attn_off, maxn, maxP, want, 0};
+                  n_blocks, row0, attn_off, maxn, maxP, want, ap, nap, 0};
     int64_t items = (int64_t)b->n_seq * c->n_kv_heads;
     int64_t per_item = 4 * maxn * maxP * (c->n_heads / c->n_kv_heads) * c->d_head; /* ~ floats of work */
     pool_for(pool, items, grain_of(pool, items, per_item), attn_range, &a);
+    free(ap);
     return a.failed ? -1 : 0;
 }
 
@@ -538,24 +623,26 @@ static void add_rows_at(float *x, const float *a, const int64_t *idx, int64_t n,
 /* The MLP of block l for every row of s->x into s->a, except rows whose output a SET patch of
  * (SITE_MLP_OUT, l) replaces: those are not computed (zeros until the patch sets them). */
 static void mlp_block(Scratch *s, const LayerWeights *lw, const Config *c, int l, const Patch *p, int64_t np,
-                      int64_t N) {
+                      int64_t N, float *cap_post) {
     int d = c->d_model;
     int any = 0;
-    for (int64_t i = 0; i < np; i++)
-        if (p[i].site == SITE_MLP_OUT && p[i].layer == l && p[i].op == OP_SET) {
+    for (int64_t i = 0; !cap_post && i < np; i++) /* a patch setting a whole row (not with mlp_post captured) */
+        if (p[i].site == SITE_MLP_OUT && p[i].layer == l && p[i].op == OP_SET && p[i].offset == 0 && p[i].width == d) {
             if (!any) memset(s->set, 0, (size_t)N);
             any = 1;
             s->set[p[i].row] = 1;
         }
+    MlpHook hk = {p, np, l, NULL, cap_post};
     if (!any) {
-        mlp_rows(s->pool, &s->oom, s->a, s->h, s->up, s->gate, s->x, N, lw, c);
+        mlp_rows(s->pool, &s->oom, s->a, s->h, s->up, s->gate, s->x, N, lw, c, &hk);
         return;
     }
     int64_t nk = 0; /* gather the computed rows into tmp (nk, d); MLP into h (a as scratch); scatter */
     for (int64_t r = 0; r < N; r++)
         if (!s->set[r]) s->krow[nk++] = r;
     gather_rows(s->tmp, s->x, s->krow, nk, d);
-    mlp_rows(s->pool, &s->oom, s->h, s->a, s->up, s->gate, s->tmp, nk, lw, c);
+    hk.rows = s->krow;
+    mlp_rows(s->pool, &s->oom, s->h, s->a, s->up, s->gate, s->tmp, nk, lw, c, &hk);
     for (int64_t r = 0; r < N; r++)
         if (s->set[r]) memset(s->a + r * d, 0, sizeof(float) * d);
     scatter_rows(s->a, s->h, s->krow, nk, d);
@@ -574,9 +661,12 @@ static int last_block_rows(Scratch *s, const Model *m, const Batch *b, int64_t n
     const int64_t *wrow = s->wrow;
 
     /* h = norm(x) (N, d); keys and values (N, KV*dh) of every row */
+    int kvd = KV * dh, F = c->d_mlp;
     norm_rows(s->pool, s->h, NULL, s->x, N, d, lw->ln1_w, lw->ln1_b, c->norm_eps, c->norm);
     project(s->pool, &s->oom, s->k, s->h, N, &lw->W_K, lw->b_K);
     project(s->pool, &s->oom, s->v, s->h, N, &lw->W_V, lw->b_V);
+    apply_patches(s->k, kvd, SITE_K, l, patches, n_patches, NULL);
+    apply_patches(s->v, kvd, SITE_V, l, patches, n_patches, NULL);
     if (c->qk_norm) head_norm_rows(s->pool, s->k, N * KV, dh, lw->k_norm_w, c->norm_eps);
     if (c->rope) rope_rows(s->pool, s->k, N, KV, s->pos, c, l);
 
@@ -584,12 +674,14 @@ static int last_block_rows(Scratch *s, const Model *m, const Batch *b, int64_t n
     gather_rows(s->tmp, s->h, wrow, nw, d);
     for (int64_t i = 0; i < nw; i++) s->wpos[i] = s->pos[wrow[i]];
     project(s->pool, &s->oom, s->z, s->tmp, nw, &lw->W_Q, lw->b_Q);
+    apply_patches_rows(s->z, qd, SITE_Q, l, patches, n_patches, wrow, nw);
     if (c->qk_norm) head_norm_rows(s->pool, s->z, nw * H, dh, lw->q_norm_w, c->norm_eps);
     if (c->rope) rope_rows(s->pool, s->z, nw, H, s->wpos, c, l);
     scatter_rows(s->q, s->z, wrow, nw, qd);
     if (attention_layer(s->pool, s->z, NULL, 0, s->q, s->k, s->v, b, l, c, blocks, n_blocks, s->row0, s->attn_off,
-                        maxn, maxP, s->want))
+                        maxn, maxP, s->want, patches, n_patches))
         return -1;
+    apply_patches(s->z, qd, SITE_Z, l, patches, n_patches, s->want);
 
     /* attn_out of the wanted rows: z gathered into q (nw, H*dh), projected into h (nw, d), scattered into a */
     gather_rows(s->q, s->z, wrow, nw, qd);
@@ -601,8 +693,11 @@ static int last_block_rows(Scratch *s, const Model *m, const Batch *b, int64_t n
     /* x += attn_out; the MLP of the gathered rows tmp (nw, d) into h (a as its scratch, free once added to
      * x), scattered into a; x += mlp_out */
     add_rows_at(s->x, s->a, wrow, nw, d);
+    apply_patches(s->x, d, SITE_RESID_MID, l, patches, n_patches, s->want);
     gather_rows(s->tmp, s->x, wrow, nw, d);
-    mlp_rows(s->pool, &s->oom, s->h, s->a, s->up, s->gate, s->tmp, nw, lw, c);
+    MlpHook hk = {patches, n_patches, l, wrow, NULL};
+    (void)F;
+    mlp_rows(s->pool, &s->oom, s->h, s->a, s->up, s->gate, s->tmp, nw, lw, c, &hk);
     scatter_rows(s->a, s->h, wrow, nw, d);
     apply_patches(s->a, d, SITE_MLP_OUT, l, patches, n_patches, s->want);
     add_rows_at(s->x, s->a, wrow, nw, d);
@@ -662,7 +757,8 @@ int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids
     int64_t nw = 0;
     int prune = end_layer == L && start_layer < L && cap->logit_rows && cap->n_logit_rows < N && !cap->resid_pre &&
                 !cap->resid_mid && !cap->attn_out && !cap->mlp_out && !cap->head_out && !cap->attn && !cap->z &&
-                !cap->norm_scale_attn && !cap->k_cache && !cap->v_cache && !cap->resid_final;
+                !cap->norm_scale_attn && !cap->k_cache && !cap->v_cache && !cap->resid_final && !cap->q && !cap->k &&
+                !cap->v && !cap->mlp_post;
     if (prune) {
         s.want = calloc((size_t)N, 1);
         s.wrow = malloc(sizeof(int64_t) * N);
@@ -706,6 +802,7 @@ int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids
 
     /* --- blocks ------------------------------------------------------------------------------ */
     for (int l = start_layer; l < end_layer; l++) {
+        apply_patches(s.x, d, SITE_RESID_PRE, l, patches, n_patches, NULL);
         if (prune && l == L - 1) {
             if (last_block_rows(&s, m, b, nw, N, patches, n_patches, blocks, n_blocks, maxn, maxP))
                 FAIL("out of memory in attention");
@@ -715,9 +812,15 @@ int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids
         int64_t LN = (int64_t)l * N;
         if (cap->resid_pre) memcpy(cap->resid_pre + LN * d, s.x, sizeof(float) * N * d);
 
-        /* attention: h = norm(x); q, k, v = h W^T + b */
+        /* attention: h = norm(x); q, k, v = h W^T + b (patched and captured before q/k norm and rotary) */
         norm_rows(s.pool, s.h, NULL, s.x, N, d, lw->ln1_w, lw->ln1_b, c->norm_eps, c->norm);
         qkv_rows(s.pool, &s.oom, s.q, s.k, s.v, s.qkv, s.h, N, lw, c);
+        apply_patches(s.q, qd, SITE_Q, l, patches, n_patches, NULL);
+        apply_patches(s.k, kvd, SITE_K, l, patches, n_patches, NULL);
+        apply_patches(s.v, kvd, SITE_V, l, patches, n_patches, NULL);
+        if (cap->q) memcpy(cap->q + LN * qd, s.q, sizeof(float) * N * qd);
+        if (cap->k) memcpy(cap->k + LN * kvd, s.k, sizeof(float) * N * kvd);
+        if (cap->v) memcpy(cap->v + LN * kvd, s.v, sizeof(float) * N * kvd);
         if (c->qk_norm) {
             head_norm_rows(s.pool, s.q, N * H, dh, lw->q_norm_w, c->norm_eps);
             head_norm_rows(s.pool, s.k, N * KV, dh, lw->k_norm_w, c->norm_eps);
@@ -731,8 +834,9 @@ int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids
 
         /* per sequence: gather prefix + new keys/values, attend */
         if (attention_layer(s.pool, s.z, cap->attn ? cap->attn + (int64_t)l * H * attn_total : NULL, attn_total, s.q, s.k,
-                            s.v, b, l, c, blocks, n_blocks, row0, attn_off, maxn, maxP, NULL))
+                            s.v, b, l, c, blocks, n_blocks, row0, attn_off, maxn, maxP, NULL, patches, n_patches))
             FAIL("out of memory in attention");
+        apply_patches(s.z, qd, SITE_Z, l, patches, n_patches, NULL);
         if (cap->z) memcpy(cap->z + LN * qd, s.z, sizeof(float) * N * qd);
 
         /* attn_out = z W_O^T + b_O (Gemma: then the post-attention norm) */
@@ -761,10 +865,11 @@ int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids
         apply_patches(s.a, d, SITE_ATTN_OUT, l, patches, n_patches, NULL);
         if (cap->attn_out) memcpy(cap->attn_out + LN * d, s.a, sizeof(float) * N * d);
         add_into(s.pool, s.x, s.a, N * d);
+        apply_patches(s.x, d, SITE_RESID_MID, l, patches, n_patches, NULL);
         if (cap->resid_mid) memcpy(cap->resid_mid + LN * d, s.x, sizeof(float) * N * d);
 
         /* MLP (of the rows whose output no patch sets) */
-        mlp_block(&s, lw, c, l, patches, n_patches, N);
+        mlp_block(&s, lw, c, l, patches, n_patches, N, cap->mlp_post ? cap->mlp_post + LN * F : NULL);
         apply_patches(s.a, d, SITE_MLP_OUT, l, patches, n_patches, NULL);
         if (cap->mlp_out) memcpy(cap->mlp_out + LN * d, s.a, sizeof(float) * N * d);
         add_into(s.pool, s.x, s.a, N * d);

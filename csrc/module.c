@@ -319,6 +319,98 @@ static float *out_array(PyObject *capd, const char *key, int64_t n) {
     return out_array_of(capd, key, n, NPY_FLOAT32, "float32");
 }
 
+/* Width of one row's vector at a site (SITE_ATTN: the keys P of the row's sequence). */
+static int64_t site_width(const Config *c, int site, int64_t P) {
+    int qd = c->n_heads * c->d_head, kvd = c->n_kv_heads * c->d_head;
+    switch (site) {
+    case SITE_Q: case SITE_Z: return qd;
+    case SITE_K: case SITE_V: return kvd;
+    case SITE_MLP_POST: return c->d_mlp;
+    case SITE_ATTN: return P;
+    default: return c->d_model;
+    }
+}
+
+/* The patch arrays of Model.forward, checked: site, layer, row, op (n,) and either value (n, d) (whole
+ * residual-width rows) or offset, width, head (n,) with value flat float32 and voff (n,) its offsets.
+ * On success *out (n) point into arrays kept alive by *keep. Returns 0, or -1 with an exception. */
+static int parse_patches(PyModel *self, PyObject *o_ps, PyObject *o_pl, PyObject *o_pr, PyObject *o_po, PyObject *o_pval,
+                         PyObject *o_poff, PyObject *o_pw, PyObject *o_ph, PyObject *o_pvo, int64_t N, int S,
+                         const int *len, const int *st, int from_resid, Patch **out, int64_t *out_n, PyObject **keep) {
+    const Config *c = &self->m.cfg;
+    int L = c->n_layers, d = c->d_model, flat = o_pw && o_pw != Py_None;
+    PyArrayObject *a[9] = {NULL};
+    const char *names[9] = {"patch_site", "patch_layer", "patch_row", "patch_op", "patch_value", "patch_offset",
+                            "patch_width", "patch_head", "patch_voff"};
+    PyObject *objs[9] = {o_ps, o_pl, o_pr, o_po, o_pval, o_poff, o_pw, o_ph, o_pvo};
+    int types[9] = {NPY_INT32, NPY_INT32, NPY_INT64, NPY_INT32, NPY_FLOAT32, NPY_INT64, NPY_INT32, NPY_INT32, NPY_INT64};
+    int *row_seq = NULL, rc = -1;
+    *keep = PyList_New(0);
+    if (!*keep) return -1;
+    for (int i = 0; i < 9; i++) {
+        if (i >= 5 && !flat) break;
+        int nd = i == 4 && !flat ? 2 : 1;
+        a[i] = in_array(objs[i], types[i], nd, names[i]);
+        if (PyErr_Occurred()) goto done;
+        if (!a[i] && i != 4) { PyErr_Format(PyExc_ValueError, "%s missing", names[i]); goto done; }
+        if (a[i]) { /* the list keeps it alive */
+            int bad = PyList_Append(*keep, (PyObject *)a[i]) < 0;
+            Py_DECREF(a[i]);
+            if (bad) goto done;
+        }
+    }
+    int64_t n = PyArray_DIM(a[0], 0), nval = a[4] ? PyArray_SIZE(a[4]) : 0;
+    for (int i = 1; i < (flat ? 9 : 4); i++)
+        if (i != 4 && PyArray_DIM(a[i], 0) != n) { PyErr_SetString(PyExc_ValueError, "patch arrays differ in length"); goto done; }
+    if (!flat && a[4] && (PyArray_DIM(a[4], 0) != n || PyArray_DIM(a[4], 1) != d)) {
+        PyErr_SetString(PyExc_ValueError, "patch_value must be (n_patches, d_model)");
+        goto done;
+    }
+    Patch *p = calloc(n ? n : 1, sizeof(Patch));
+    row_seq = malloc(sizeof(int) * (N ? N : 1));
+    if (!p || !row_seq) { free(p); PyErr_NoMemory(); goto done; }
+    *out = p;
+    for (int i = 0, r = 0; i < S; i++)
+        for (int t = 0; t < len[i]; t++) row_seq[r++] = i;
+    const int *s_ = PyArray_DATA(a[0]), *l_ = PyArray_DATA(a[1]), *o_ = PyArray_DATA(a[3]);
+    const int64_t *r_ = PyArray_DATA(a[2]);
+    const float *vals = a[4] ? PyArray_DATA(a[4]) : NULL;
+    for (int64_t i = 0; i < n; i++, p++) {
+        p->site = s_[i]; p->layer = l_[i]; p->row = r_[i]; p->op = o_[i]; p->head = -1;
+        int64_t voff = i * d;
+        p->offset = 0;
+        p->width = d;
+        if (flat) {
+            p->offset = ((const int64_t *)PyArray_DATA(a[5]))[i];
+            p->width = ((const int *)PyArray_DATA(a[6]))[i];
+            p->head = ((const int *)PyArray_DATA(a[7]))[i];
+            voff = ((const int64_t *)PyArray_DATA(a[8]))[i];
+        }
+        int lay_ok = p->site == SITE_EMBED ? p->layer == -1 : (p->layer >= 0 && p->layer < L);
+        int ok = p->site >= 0 && p->site < N_SITES && lay_ok && p->row >= 0 && p->row < N && p->op >= 0 && p->op < N_OPS;
+        if (ok) {
+            int q = row_seq[p->row];
+            int64_t W = site_width(c, p->site, (int64_t)st[q] + len[q]);
+            ok = p->offset >= 0 && p->width >= 1 && p->offset + p->width <= W &&
+                 (p->site != SITE_ATTN || (p->head >= 0 && p->head < c->n_heads)) &&
+                 (p->op == OP_ZERO || (vals && voff >= 0 && voff + p->width <= nval));
+        }
+        if (!ok) {
+            PyErr_Format(PyExc_ValueError, "patch %lld is invalid (site %d, layer %d, row %lld, op %d, offset %lld, "
+                         "width %d, head %d)", (long long)i, p->site, p->layer, (long long)p->row, p->op,
+                         (long long)p->offset, p->width, p->head);
+            goto done;
+        }
+        p->value = p->op == OP_ZERO ? NULL : vals + voff;
+        if (p->site == SITE_EMBED && from_resid) { PyErr_SetString(PyExc_ValueError, "an embedding patch needs a run from token ids"); goto done; }
+    }
+    *out_n = n;
+    rc = 0;
+done:
+    free(row_seq);
+    return rc;
+}
+
 /* The pool a forward call runs on: the model's own (created on first use, of n_threads threads;
  * *hold = 2) unless another call holds it, then a pool of its own (*hold = 1); NULL (serial) for one
  * thread (*hold = 0). No GIL needed. */
@@ -347,25 +439,28 @@ static void release_pool(PyModel *self, Pool *pool, int hold) {
 static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"seq_lens", "ids", "resid_in", "seq_starts", "start_layer", "prefix_k", "prefix_v",
                              "prefix_rows", "patch_site", "patch_layer", "patch_row", "patch_op", "patch_value",
-                             "blocks", "capture", "logit_rows", "end_layer", "logit_targets", NULL};
+                             "blocks", "capture", "logit_rows", "end_layer", "logit_targets", "patch_offset",
+                             "patch_width", "patch_head", "patch_voff", NULL};
     PyObject *o_lens, *o_ids = NULL, *o_resid = NULL, *o_starts = NULL, *o_pk = NULL, *o_pv = NULL, *o_prow = NULL;
     PyObject *o_ps = NULL, *o_pl = NULL, *o_pr = NULL, *o_po = NULL, *o_pval = NULL, *o_blocks = NULL, *capd = NULL;
-    PyObject *o_lrows = NULL, *o_targets = NULL;
+    PyObject *o_lrows = NULL, *o_targets = NULL, *o_poff = NULL, *o_pw = NULL, *o_ph = NULL, *o_pvo = NULL;
     int start_layer = 0, end_layer = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OOOiOOOOOOOOOO!OiO", kwlist, &o_lens, &o_ids, &o_resid, &o_starts,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OOOiOOOOOOOOOO!OiOOOOO", kwlist, &o_lens, &o_ids, &o_resid, &o_starts,
                                      &start_layer, &o_pk, &o_pv, &o_prow, &o_ps, &o_pl, &o_pr, &o_po, &o_pval,
-                                     &o_blocks, &PyDict_Type, &capd, &o_lrows, &end_layer, &o_targets))
+                                     &o_blocks, &PyDict_Type, &capd, &o_lrows, &end_layer, &o_targets, &o_poff, &o_pw,
+                                     &o_ph, &o_pvo))
         return NULL;
     if (!self->refs) { PyErr_SetString(PyExc_RuntimeError, "Model not initialised"); return NULL; }
     const Config *c = &self->m.cfg;
     int L = c->n_layers, d = c->d_model, H = c->n_heads, kvd = c->n_kv_heads * c->d_head, V = c->vocab_size;
     PyObject *result = NULL;
     PyArrayObject *lens = NULL, *starts = NULL, *ids = NULL, *resid = NULL, *pk = NULL, *pv = NULL, *prow = NULL;
-    PyArrayObject *ps = NULL, *pl = NULL, *pr = NULL, *po = NULL, *pval = NULL, *blk = NULL, *lrows = NULL;
+    PyArrayObject *blk = NULL, *lrows = NULL;
     PyArrayObject *targets = NULL;
     int *zero_starts = NULL;
     const float **pkp = NULL, **pvp = NULL;
     Patch *patches = NULL;
+    PyObject *pin = NULL; /* the patch arrays patches point into */
     EdgeBlock *blocks = NULL;
     int64_t np = 0, nb = 0;
     Capture cap;
@@ -443,34 +538,9 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
         b.pk = pkp; b.pv = pvp; b.pstride = (int64_t)NB * kvd;
     }
     /* patches */
-    if (o_ps && o_ps != Py_None) {
-        ps = in_array(o_ps, NPY_INT32, 1, "patch_site"); if (!ps) goto done;
-        pl = in_array(o_pl, NPY_INT32, 1, "patch_layer"); if (!pl) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "patch_layer missing"); goto done; }
-        pr = in_array(o_pr, NPY_INT64, 1, "patch_row"); if (!pr) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "patch_row missing"); goto done; }
-        po = in_array(o_po, NPY_INT32, 1, "patch_op"); if (!po) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "patch_op missing"); goto done; }
-        np = PyArray_DIM(ps, 0);
-        if (PyArray_DIM(pl, 0) != np || PyArray_DIM(pr, 0) != np || PyArray_DIM(po, 0) != np) { PyErr_SetString(PyExc_ValueError, "patch arrays differ in length"); goto done; }
-        pval = in_array(o_pval, NPY_FLOAT32, 2, "patch_value");
-        if (PyErr_Occurred()) goto done;
-        if (pval && (PyArray_DIM(pval, 0) != np || PyArray_DIM(pval, 1) != d)) { PyErr_SetString(PyExc_ValueError, "patch_value must be (n_patches, d_model)"); goto done; }
-        patches = calloc(np ? np : 1, sizeof(Patch));
-        if (!patches) { PyErr_NoMemory(); goto done; }
-        const int *s_ = PyArray_DATA(ps), *l_ = PyArray_DATA(pl), *o_ = PyArray_DATA(po);
-        const int64_t *r_ = PyArray_DATA(pr);
-        for (int64_t i = 0; i < np; i++) {
-            Patch *p = &patches[i];
-            p->site = s_[i]; p->layer = l_[i]; p->row = r_[i]; p->op = o_[i];
-            p->value = pval ? (const float *)PyArray_DATA(pval) + i * d : NULL;
-            int lay_ok = p->site == SITE_EMBED ? p->layer == -1 : (p->layer >= 0 && p->layer < L);
-            if (p->site < 0 || p->site >= N_SITES || !lay_ok || p->row < 0 || p->row >= N || p->op < 0 || p->op > OP_ZERO ||
-                (p->op != OP_ZERO && !p->value)) {
-                PyErr_Format(PyExc_ValueError, "patch %lld is invalid (site %d, layer %d, row %lld, op %d)", (long long)i,
-                             p->site, p->layer, (long long)p->row, p->op);
-                goto done;
-            }
-            if (p->site == SITE_EMBED && resid) { PyErr_SetString(PyExc_ValueError, "an embedding patch needs a run from token ids"); goto done; }
-        }
-    }
+    if (o_ps && o_ps != Py_None && parse_patches(self, o_ps, o_pl, o_pr, o_po, o_pval, o_poff, o_pw, o_ph, o_pvo, N, S, len,
+                                                 st, resid != NULL, &patches, &np, &pin))
+        goto done;
     /* edge blocks: (n, 3) int64 rows of (layer, row, key position) */
     blk = in_array(o_blocks, NPY_INT64, 2, "blocks");
     if (PyErr_Occurred()) goto done;
@@ -499,6 +569,10 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
         if (!(cap.head_out = out_array(capd, "head_out", LN * H * d)) && PyErr_Occurred()) goto done;
         if (!(cap.attn = out_array(capd, "attn", (int64_t)L * H * attn_total)) && PyErr_Occurred()) goto done;
         if (!(cap.z = out_array(capd, "z", LN * H * c->d_head)) && PyErr_Occurred()) goto done;
+        if (!(cap.q = out_array(capd, "q", LN * H * c->d_head)) && PyErr_Occurred()) goto done;
+        if (!(cap.k = out_array(capd, "k", LN * kvd)) && PyErr_Occurred()) goto done;
+        if (!(cap.v = out_array(capd, "v", LN * kvd)) && PyErr_Occurred()) goto done;
+        if (!(cap.mlp_post = out_array(capd, "mlp_post", LN * c->d_mlp)) && PyErr_Occurred()) goto done;
         if (!(cap.norm_scale_attn = out_array(capd, "norm_scale_attn", LN)) && PyErr_Occurred()) goto done;
         if (!(cap.k_cache = out_array(capd, "k_cache", LN * kvd)) && PyErr_Occurred()) goto done;
         if (!(cap.v_cache = out_array(capd, "v_cache", LN * kvd)) && PyErr_Occurred()) goto done;
@@ -548,8 +622,8 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
     Py_INCREF(result);
 done:
     Py_XDECREF(lens); Py_XDECREF(starts); Py_XDECREF(ids); Py_XDECREF(resid); Py_XDECREF(pk); Py_XDECREF(pv);
-    Py_XDECREF(prow); Py_XDECREF(ps); Py_XDECREF(pl); Py_XDECREF(pr); Py_XDECREF(po); Py_XDECREF(pval);
-    Py_XDECREF(blk); Py_XDECREF(lrows); Py_XDECREF(targets);
+    Py_XDECREF(prow);
+    Py_XDECREF(blk); Py_XDECREF(lrows); Py_XDECREF(targets); Py_XDECREF(pin);
     free(zero_starts); free(pkp); free(pvp); free(patches); free(blocks);
     return result;
 }
@@ -755,12 +829,18 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     Py_INCREF(&ModelType);
-    if (PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0 ||
-        PyModule_AddStringConstant(m, "BLAS", FACTRACE_BLAS_NAME) < 0 ||
-        PyModule_AddIntConstant(m, "SITE_EMBED", SITE_EMBED) < 0 || PyModule_AddIntConstant(m, "SITE_ATTN_OUT", SITE_ATTN_OUT) < 0 ||
-        PyModule_AddIntConstant(m, "SITE_MLP_OUT", SITE_MLP_OUT) < 0 || PyModule_AddIntConstant(m, "SITE_RESID_POST", SITE_RESID_POST) < 0 ||
-        PyModule_AddIntConstant(m, "OP_SET", OP_SET) < 0 || PyModule_AddIntConstant(m, "OP_ADD", OP_ADD) < 0 ||
-        PyModule_AddIntConstant(m, "OP_ZERO", OP_ZERO) < 0) {
+    /* the ids of the intervention sites and operations (factrace/interventions.py maps names onto them) */
+    static const struct { const char *name; int value; } consts[] = {
+        {"SITE_EMBED", SITE_EMBED}, {"SITE_ATTN_OUT", SITE_ATTN_OUT}, {"SITE_MLP_OUT", SITE_MLP_OUT},
+        {"SITE_RESID_POST", SITE_RESID_POST}, {"SITE_RESID_PRE", SITE_RESID_PRE}, {"SITE_RESID_MID", SITE_RESID_MID},
+        {"SITE_Q", SITE_Q}, {"SITE_K", SITE_K}, {"SITE_V", SITE_V}, {"SITE_Z", SITE_Z}, {"SITE_ATTN", SITE_ATTN},
+        {"SITE_MLP_POST", SITE_MLP_POST}, {"OP_SET", OP_SET}, {"OP_ADD", OP_ADD}, {"OP_ZERO", OP_ZERO},
+        {"OP_MUL", OP_MUL}, {"OP_PROJECT", OP_PROJECT}};
+    int bad = PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0 ||
+              PyModule_AddStringConstant(m, "BLAS", FACTRACE_BLAS_NAME) < 0;
+    for (size_t i = 0; !bad && i < sizeof consts / sizeof consts[0]; i++)
+        bad = PyModule_AddIntConstant(m, consts[i].name, consts[i].value) < 0;
+    if (bad) {
         Py_DECREF(m);
         return NULL;
     }
