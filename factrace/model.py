@@ -15,7 +15,7 @@ from .io.stored import StoredWeight, as_float32, concat
 
 ALL_CAPTURES = ("embed", "resid_pre", "resid_mid", "attn_out", "mlp_out", "head_out", "attn", "z",
                 "resid_final", "final_scale")
-CAPTURE_NAMES = ALL_CAPTURES + ("k_cache", "v_cache", "norm_scale_attn")
+CAPTURE_NAMES = ALL_CAPTURES + ("q", "k", "v", "mlp_post", "k_cache", "v_cache", "norm_scale_attn")
 
 
 @dataclass
@@ -27,7 +27,11 @@ class RunResult:
     ``resid_pre`` (L, T, d) input of each block; ``resid_mid`` (L, T, d) after the attention add;
     ``attn_out`` / ``mlp_out`` (L, T, d) what each sub-block adds; ``head_out`` (L, H, T, d) each head's
     share of ``attn_out`` without the output bias (Gemma: through its post-norm at the run's own scale);
-    ``attn`` (L, H, T, T) attention probabilities; ``z`` (L, T, H*dh) the heads' mixed values;
+    ``attn`` (L, H, T, T) attention probabilities; ``z`` (L, T, H, dh) each head's mixed values (the input
+    of W_O; before factrace 0.2 this was (L, T, H*dh): ``z.reshape(L, T, -1)`` gives that);
+    on request (``capture=[...]``): ``q`` (L, T, H, dh), ``k`` / ``v`` (L, T, KV, dh) (q and k before q/k
+    norm and rotary), ``mlp_post`` (L, T, F) the MLP's hidden activations (the input of W_down),
+    ``k_cache`` / ``v_cache`` (L, T, KV*dh) keys after norm and rotary, and values;
     ``resid_final`` (T, d) after the last block, before the final norm; ``final_scale`` (T,) the final
     norm's 1/sqrt(var + eps) per position.
 
@@ -45,6 +49,10 @@ class RunResult:
     head_out: np.ndarray | None = None
     attn: np.ndarray | None = None
     z: np.ndarray | None = None
+    q: np.ndarray | None = None
+    k: np.ndarray | None = None
+    v: np.ndarray | None = None
+    mlp_post: np.ndarray | None = None
     resid_final: np.ndarray | None = None
     final_scale: np.ndarray | None = None
     k_cache: np.ndarray | None = None
@@ -294,7 +302,8 @@ class Model:
         kvd = c.n_kv_heads * c.d_head
         shapes = {"embed": (N, d), "resid_pre": (L, N, d), "resid_mid": (L, N, d), "attn_out": (L, N, d),
                   "mlp_out": (L, N, d), "head_out": (L, H, N, d), "attn": (L, H, int((lens.astype(np.int64) ** 2).sum())),
-                  "z": (L, N, H * c.d_head), "resid_final": (N, d), "k_cache": (L, N, kvd), "v_cache": (L, N, kvd),
+                  "z": (L, N, H * c.d_head), "q": (L, N, H * c.d_head), "k": (L, N, kvd), "v": (L, N, kvd),
+                  "mlp_post": (L, N, c.d_mlp), "resid_final": (N, d), "k_cache": (L, N, kvd), "v_cache": (L, N, kvd),
                   "norm_scale_attn": (L, N)}
         cap = {n: np.empty(shapes[n], np.float32) for n in names if n in shapes}
         row0 = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
@@ -316,9 +325,37 @@ class Model:
         if lrows is not None:
             kw["logit_rows"] = lrows
         if interventions:
-            kw.update(compile_interventions(interventions, lens, L, d))
+            kw.update(compile_interventions(interventions, lens, c))
         self._core.forward(lens, ids=np.concatenate(seqs), capture=cap, **kw)
         return self._split(seqs, lens, row0, cap, logits, single)
+
+    def generate(self, prompt, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None, stop=None,
+                 interventions=()):
+        """Generate up to ``max_new_tokens`` tokens after ``prompt`` (a str, encoded with special tokens, or
+        token ids) with a key/value cache in the C core (one new row per step).
+
+        Args:
+            do_sample: False (default): greedy, as transformers' ``generate(do_sample=False)``; True: sample
+                from softmax(logits / ``temperature``) restricted to the ``top_k`` most likely tokens and to
+                the smallest set of probability mass ``top_p`` (both optional), with NumPy's generator
+                seeded by ``seed`` (reproducible).
+            stop: a token id, a string, or a list of them: stop after generating one (default: the
+                model's EOS token id(s)).
+            interventions: applied at every step (see :mod:`factrace.generation`: absolute positions,
+                negative ones counted from the end of the prompt, None = every position).
+
+        Returns: :class:`factrace.generation.Generation` (``ids``, ``new_ids``, ``text``, ``stopped``).
+
+        Example:
+            >>> m.generate("The capital of Japan is", max_new_tokens=3).text          # doctest: +SKIP
+            ' Tokyo.\n'
+            >>> m.generate(p, 10, interventions=[factrace.add_direction("resid_post", u, 8.0, layers=6)])  # doctest: +SKIP
+        """
+        from .generation import generate
+
+        return generate(self, prompt, max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop,
+                        interventions)
 
     def _split(self, seqs, lens, row0, cap, logits, single):
         out = []
@@ -337,6 +374,8 @@ class Model:
                     res.head_out = a[:, :, r:r + T]
                 elif n in ("embed", "resid_final"):
                     setattr(res, n, a[r:r + T])
+                elif n in ("z", "q", "k", "v"):  # per head: (L, T, heads, dh)
+                    setattr(res, n, a[:, r:r + T].reshape(a.shape[0], T, -1, self.config.d_head))
                 else:
                     setattr(res, n, a[:, r:r + T])
             aoff += T * T

@@ -52,7 +52,7 @@ def test_pruned_last_block_equals_full(name):
            iv.zero("resid_post", layers=L - 1, positions=[8], seq=3),
            iv.block_attention(layers=L - 1, queries=[4], keys=[0, 1], seq=0),
            iv.block_attention(layers=[L - 2, L - 1], queries=[39], keys=range(30), seq=2)]
-    kw = compile_interventions(ivs, lens, L, d)
+    kw = compile_interventions(ivs, lens, m.config)
     out = _check(m, lens, ids, last, **kw)
     assert not np.allclose(out, _forward(m, lens, ids, last, True)), "the interventions changed nothing"
 
@@ -182,7 +182,7 @@ def test_nan_propagates_through_the_fast_exp(name):
     r = m.run([1, 2, 3], interventions=[iv.add("embed", v, positions=[1])], capture=["mlp_out"])
     assert np.isnan(r.logits[1:]).all() and np.isfinite(r.logits[0]).all()
     assert np.isnan(r.mlp_out[:, 1:]).all() and np.isfinite(r.mlp_out[:, 0]).all()
-    kw = compile_interventions([iv.add("embed", v, positions=[1])], [3], m.config.n_layers, d)
+    kw = compile_interventions([iv.add("embed", v, positions=[1])], [3], m.config)
     cap = {"target_prob": np.empty(2, np.float64)}
     m._core.forward(np.array([3], np.int32), ids=np.array([1, 2, 3], np.int32), capture=cap,
                     logit_rows=np.array([0, 2], np.int64), logit_targets=np.array([5, 5], np.int64), **kw)

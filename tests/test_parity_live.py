@@ -49,8 +49,9 @@ def _compare(r, e, where):
         assert got.shape == want.shape, f"{where}: {f} shape {got.shape} vs {want.shape}"
         diff = np.abs(got - want).max()
         assert diff <= TOL, f"{where}: {f} differs by {diff}"
-    assert r.z.shape == e["attn_z"].shape
-    dz = np.abs(r.z - e["attn_z"]).max()
+    z = r.z.reshape(r.z.shape[0], r.z.shape[1], -1)  # (L, T, H, dh) -> the oracle's (L, T, H*dh)
+    assert z.shape == e["attn_z"].shape
+    dz = np.abs(z - e["attn_z"]).max()
     assert dz <= TOL, f"{where}: z differs from attn_z by {dz}"
 
 

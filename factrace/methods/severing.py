@@ -64,7 +64,7 @@ def sever(m: Model, prompt, subject, frozen: str = "mlp", samples: int = 10, noi
     tr = _Tracer(m, ids, span, samples, level, seed, target, reference_noise_draws=2 if reference_noise else 1)
     base = 1 if reference_noise else 0
     e1, T, L, S = tr.e - 1, tr.T, tr.L, tr.S
-    site = iv.SITES[frozen + "_out"]
+    site = iv.SITES[frozen + "_out"][0]
     fro = tr.corrupt[0][frozen + "_out"]  # (L, S*T, d), noise draw A
     eff = np.zeros(L)
     unsev = np.zeros(L)
@@ -92,7 +92,7 @@ def sever(m: Model, prompt, subject, frozen: str = "mlp", samples: int = 10, noi
             if reference_noise:
                 # the frozen values (draw A) differ from the run's own (draw B) in every layer, so the
                 # run starts at layer 0 (positions >= e-1) with the hidden restoration as a patch
-                hid = iv.SITES["resid_post"]
+                hid = iv.SITES["resid_post"][0]
                 eff[l] = tr._restore(0, [e1], base=base, patches=lambda ti, s: [
                     (site, j, fro[j, s * T + e1]) for j in range(L)] + [(hid, l, tr.clean_post[l, e1])])[0] - tr.low
             else:  # frozen values equal the run's own up to layer l: start after it; the severed and

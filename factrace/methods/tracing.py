@@ -304,7 +304,7 @@ class _Tracer:
                              prefix_k=cor["k_cache"], prefix_v=cor["v_cache"],
                              prefix_rows=np.tile(np.arange(S) * self.T, n_t).astype(np.int64),
                              capture={"resid_final": out},
-                             patch_site=np.full(R, iv.SITES["attn_out"], np.int32),
+                             patch_site=np.full(R, iv.SITES["attn_out"][0], np.int32),
                              patch_layer=np.full(R, layer, np.int32), patch_row=np.arange(R, dtype=np.int64),
                              patch_op=np.zeros(R, np.int32),
                              patch_value=np.ascontiguousarray(np.repeat(attn_value, S, axis=0), dtype=np.float32))
@@ -327,7 +327,7 @@ class _Tracer:
             and run to the logits unrestored, and the trunk's block h is taken from the branch's (it
             differs only at row t, which is set from the branch's resid_mid, or stepped alone)."""
         T, L, S, d = self.T, self.L, self.S, self.d
-        site = iv.SITES[kind + "_out"]
+        site = iv.SITES[kind + "_out"][0]
         clean = self.clean.mlp_out if kind == "mlp" else self.clean.attn_out
         cor = self.corrupt[0]
         scores = self.empty_scores()
