@@ -73,7 +73,7 @@ def test_lookup_tables_are_consistent():
 def _minimal(arch):
     """A config dict with only the required keys of an entry (the rest from its defaults)."""
     a = A.ARCHS[arch]
-    vals = {"d_model": 32, "n_layers": 2, "n_heads": 4, "vocab_size": 50, "d_mlp": 64}
+    vals = {"d_model": 256, "n_layers": 2, "n_heads": 4, "vocab_size": 50, "d_mlp": 64}
     out = {}
     for f, key in a.sizes.items():
         if key.default is A.REQUIRED:
@@ -135,8 +135,10 @@ def test_fixture_through_its_gguf_entry(name, tmp_path):
     g = factrace.load(path)
     assert g.config.arch == m.config.arch
     for f in ("n_layers", "n_heads", "n_kv_heads", "d_head", "d_mlp", "tied", "qk_norm", "post_norms",
-              "layer_window", "layer_rope", "attn_scale", "embed_scale"):
+              "layer_window", "layer_rope", "attn_scale", "embed_scale", "parallel", "rope_dim", "rope_interleaved",
+              "act"):
         assert getattr(g.config, f) == getattr(m.config, f), f
+    assert g.config.norm_eps == pytest.approx(m.config.norm_eps, rel=1e-6)  # GGUF stores it as float32
     e = expected(name)
     for p in ("p0", "p1"):
         r = g.run(e[f"{p}_ids"], logits="all")
