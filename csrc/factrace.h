@@ -54,11 +54,15 @@ typedef struct {
     float attn_scale;    /* multiplies q.k */
     float attn_softcap;  /* 0 = none, else cap * tanh(score / cap) */
     float final_softcap; /* 0 = none */
+    int parallel;        /* 1: parallel residual block x + attn(ln1 x) + mlp(ln2 x) (GPT-NeoX, GPT-J): the MLP
+                          * reads the block input; there is no resid_mid */
+    int rope_dim;        /* rotated dims at the start of each head (even, <= dh; the rest pass through) */
+    int rope_interleaved; /* 1: rotary pairs (2i, 2i+1) (GPT-J), 0: (i, i + rope_dim/2) (rotate-half) */
     /* Per-layer attention flavour. rope tables: inv_freq[t] (dh/2,), cos/sin times rope_mscale[t]. */
     const int *layer_window;    /* (L,) 0 = full causal attention, w > 0 = keys p-w+1 .. p */
     const int *layer_rope;      /* (L,) index of the rope table used by the layer */
     int n_rope_tables;
-    const float *rope_inv_freq; /* (n_rope_tables, dh/2) */
+    const float *rope_inv_freq; /* (n_rope_tables, rope_dim/2) */
     const float *rope_mscale;   /* (n_rope_tables,) attention scaling applied to cos and sin */
 } Config;
 
@@ -82,6 +86,7 @@ typedef struct {
     const float *W_pos;   /* (n_ctx, d) learned positions or NULL */
     const float *ln_f_w, *ln_f_b; /* (d,) final norm */
     Mat W_U;              /* (V, d) unembedding (may share W_E's data) */
+    const float *b_U;     /* (V,) unembedding bias (GPT-J's lm_head) or NULL */
     LayerWeights *layers; /* (L,) */
 } Weights;
 
@@ -111,7 +116,7 @@ typedef struct { int layer; int64_t row; int key; /* absolute key position */ } 
 typedef struct {
     float *embed;       /* (N, d) */
     float *resid_pre;   /* (L, N, d) */
-    float *resid_mid;   /* (L, N, d) residual after the attention add */
+    float *resid_mid;   /* (L, N, d) residual after the attention add (not for parallel blocks) */
     float *attn_out;    /* (L, N, d) */
     float *mlp_out;     /* (L, N, d) */
     float *head_out;    /* (L, H, N, d) each head's share of attn_out without b_O */

@@ -186,6 +186,20 @@ static void rope_head(float *x, int dh, int pos, const float *inv_freq, float ms
     }
 }
 
+/* Rotary embedding of the first `rot` dims of one head vector in the interleaved convention of GPT-J
+ * (pairs (2i, 2i+1)): out[2i] = x[2i] cos_i - x[2i+1] sin_i, out[2i+1] = x[2i+1] cos_i + x[2i] sin_i,
+ * angle_i = pos * inv_freq[i] in float32, cos/sin times mscale; dims rot .. dh-1 pass through. */
+static void rope_head_interleaved(float *x, int rot, int pos, const float *inv_freq, float mscale) {
+    for (int i = 0; i < rot / 2; i++) {
+        float ang = (float)pos * inv_freq[i];
+        float c = cosf(ang) * mscale, s = sinf(ang) * mscale;
+        float a = x[2 * i], b2 = x[2 * i + 1];
+        x[2 * i] = a * c - b2 * s;
+        x[2 * i + 1] = b2 * c + a * s;
+    }
+}
+
+
 /* ------------------------------------------------------------------------------------------ */
 /* interventions                                                                                */
 
@@ -324,18 +338,25 @@ static void head_norm_rows(Pool *pool, float *x, int64_t n_vec, int dh, const fl
     norm_rows(pool, x, NULL, x, n_vec, dh, w, NULL, eps, NORM_RMS);
 }
 
-typedef struct { float *x; int nh, dh; const int *pos; const float *inv; float ms; } RopeLoop;
+typedef struct { float *x; int nh, dh; const int *pos; const float *inv; float ms; int rot, interleaved; } RopeLoop;
 
+/* rotate-half on the first rot dims of each head is rope_head of a rot-dim vector (partial rotary,
+ * GPT-NeoX: rot = dh * rotary_pct); the other dims are not touched */
 static void rope_range(void *ctx, int64_t lo, int64_t hi, int tid) {
     RopeLoop *a = ctx;
     for (int64_t r = lo; r < hi; r++)
-        for (int h = 0; h < a->nh; h++) rope_head(a->x + (r * a->nh + h) * a->dh, a->dh, a->pos[r], a->inv, a->ms);
+        for (int h = 0; h < a->nh; h++) {
+            float *xh = a->x + (r * a->nh + h) * a->dh;
+            if (a->interleaved) rope_head_interleaved(xh, a->rot, a->pos[r], a->inv, a->ms);
+            else rope_head(xh, a->rot, a->pos[r], a->inv, a->ms);
+        }
 }
 
 /* Rotary embedding in place of x (N, nh*dh), row r at absolute position pos[r], with layer l's table */
 static void rope_rows(Pool *pool, float *x, int64_t N, int nh, const int *pos, const Config *c, int l) {
-    int dh = c->d_head, tbl = c->layer_rope ? c->layer_rope[l] : 0;
-    RopeLoop a = {x, nh, dh, pos, c->rope_inv_freq + (int64_t)tbl * (dh / 2), c->rope_mscale[tbl]};
+    int dh = c->d_head, tbl = c->layer_rope ? c->layer_rope[l] : 0, rot = c->rope_dim > 0 ? c->rope_dim : dh;
+    RopeLoop a = {x, nh, dh, pos, c->rope_inv_freq + (int64_t)tbl * (rot / 2), c->rope_mscale[tbl], rot,
+                  c->rope_interleaved};
     pool_for(pool, N, grain_of(pool, N, (int64_t)nh * dh * 8), rope_range, &a);
 }
 
@@ -542,11 +563,11 @@ static int attention_layer(Pool *pool, float *z, float *probs, int64_t attn_tota
 /* ------------------------------------------------------------------------------------------ */
 /* unembedding                                                                                  */
 
-/* logits (n, V) = h (n, d) @ W_U^T, then the final softcap (Gemma 2 style) if any */
+/* logits (n, V) = h (n, d) @ W_U^T (+ b_U, GPT-J), then the final softcap (Gemma 2 style) if any */
 static void unembed(Pool *pool, int *oom, float *logits, const float *h, int64_t n, const Model *m) {
     const Config *c = &m->cfg;
     int64_t V = c->vocab_size;
-    project(pool, oom, logits, h, n, &m->w.W_U, NULL);
+    project(pool, oom, logits, h, n, &m->w.W_U, m->w.b_U);
     if (c->final_softcap > 0.0f)
         for (int64_t i = 0; i < n * V; i++) logits[i] = c->final_softcap * tanhf(logits[i] / c->final_softcap);
 }
@@ -589,6 +610,7 @@ typedef struct {
     float *x, *h, *q, *k, *v, *z, *a, *up, *gate, *tmp, *rs;
     float *qkv;               /* (N, H*dh + 2*KV*dh) output of the fused q/k/v product */
     float *wo;                /* (d, H*dh) float32 W_O for the head_out capture, when W_O is not F32 */
+    float *x0;                /* (N, d) the block input, read by a parallel block's MLP, or NULL */
     int64_t *row0, *attn_off; /* (S,) first row and attention-probability offset of each sequence */
     int *pos;                 /* (N,) absolute position of each row */
     unsigned char *want;      /* (N,) rows read after the last block (last-block pruning), or NULL */
@@ -602,6 +624,7 @@ static void scratch_free(Scratch *s) {
     free(s->x); free(s->h); free(s->q); free(s->k); free(s->v); free(s->z); free(s->a);
     free(s->up); free(s->gate); free(s->tmp); free(s->rs); free(s->row0); free(s->attn_off); free(s->pos);
     free(s->want); free(s->wrow); free(s->wpos); free(s->set); free(s->krow); free(s->qkv); free(s->wo);
+    free(s->x0);
 }
 
 /* dst (n, w) = rows idx[0..n) of src (., w) */
@@ -620,11 +643,13 @@ static void add_rows_at(float *x, const float *a, const int64_t *idx, int64_t n,
         for (int j = 0; j < d; j++) x[idx[i] * d + j] += a[idx[i] * d + j];
 }
 
-/* The MLP of block l for every row of s->x into s->a, except rows whose output a SET patch of
- * (SITE_MLP_OUT, l) replaces: those are not computed (zeros until the patch sets them). */
+/* The MLP of block l for every row of s->x (a parallel block: of its input s->x0) into s->a, except rows
+ * whose output a SET patch of (SITE_MLP_OUT, l) replaces: those are not computed (zeros until the patch
+ * sets them). */
 static void mlp_block(Scratch *s, const LayerWeights *lw, const Config *c, int l, const Patch *p, int64_t np,
                       int64_t N, float *cap_post) {
     int d = c->d_model;
+    const float *xin = c->parallel ? s->x0 : s->x;
     int any = 0;
     for (int64_t i = 0; !cap_post && i < np; i++) /* a patch setting a whole row (not with mlp_post captured) */
         if (p[i].site == SITE_MLP_OUT && p[i].layer == l && p[i].op == OP_SET && p[i].offset == 0 && p[i].width == d) {
@@ -634,13 +659,13 @@ static void mlp_block(Scratch *s, const LayerWeights *lw, const Config *c, int l
         }
     MlpHook hk = {p, np, l, NULL, cap_post};
     if (!any) {
-        mlp_rows(s->pool, &s->oom, s->a, s->h, s->up, s->gate, s->x, N, lw, c, &hk);
+        mlp_rows(s->pool, &s->oom, s->a, s->h, s->up, s->gate, xin, N, lw, c, &hk);
         return;
     }
     int64_t nk = 0; /* gather the computed rows into tmp (nk, d); MLP into h (a as scratch); scatter */
     for (int64_t r = 0; r < N; r++)
         if (!s->set[r]) s->krow[nk++] = r;
-    gather_rows(s->tmp, s->x, s->krow, nk, d);
+    gather_rows(s->tmp, xin, s->krow, nk, d);
     hk.rows = s->krow;
     mlp_rows(s->pool, &s->oom, s->h, s->a, s->up, s->gate, s->tmp, nk, lw, c, &hk);
     for (int64_t r = 0; r < N; r++)
@@ -691,10 +716,11 @@ static int last_block_rows(Scratch *s, const Model *m, const Batch *b, int64_t n
     apply_patches(s->a, d, SITE_ATTN_OUT, l, patches, n_patches, s->want);
 
     /* x += attn_out; the MLP of the gathered rows tmp (nw, d) into h (a as its scratch, free once added to
-     * x), scattered into a; x += mlp_out */
+     * x), scattered into a; x += mlp_out. A parallel block's MLP reads the rows before the attention add. */
+    if (c->parallel) gather_rows(s->tmp, s->x, wrow, nw, d);
     add_rows_at(s->x, s->a, wrow, nw, d);
     apply_patches(s->x, d, SITE_RESID_MID, l, patches, n_patches, s->want);
-    gather_rows(s->tmp, s->x, wrow, nw, d);
+    if (!c->parallel) gather_rows(s->tmp, s->x, wrow, nw, d);
     MlpHook hk = {patches, n_patches, l, wrow, NULL};
     (void)F;
     mlp_rows(s->pool, &s->oom, s->h, s->a, s->up, s->gate, s->tmp, nw, lw, c, &hk);
@@ -746,8 +772,10 @@ int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids
     for (int l = start_layer; l < end_layer; l++) fused |= w->layers[l].W_QKV.data != NULL;
     if (fused) s.qkv = malloc(sizeof(float) * N * (qd + 2 * kvd));
     if (cap->head_out) s.wo = malloc(sizeof(float) * (size_t)d * qd);
+    if (c->parallel) s.x0 = malloc(sizeof(float) * N * d);
     if (!s.x || !s.h || !s.a || !s.q || !s.z || !s.k || !s.v || !s.up || !s.gate || !s.tmp || !s.rs || !s.row0 ||
-        !s.attn_off || !s.pos || !s.set || !s.krow || (fused && !s.qkv) || (cap->head_out && !s.wo))
+        !s.attn_off || !s.pos || !s.set || !s.krow || (fused && !s.qkv) || (cap->head_out && !s.wo) ||
+        (c->parallel && !s.x0))
         FAIL("out of memory for a batch of %lld rows", (long long)N);
     int64_t *row0 = s.row0, *attn_off = s.attn_off;
     s.pool = pool; /* the loops below decide by their size whether to use it (grain_of) */
@@ -811,6 +839,7 @@ int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids
         const LayerWeights *lw = &w->layers[l];
         int64_t LN = (int64_t)l * N;
         if (cap->resid_pre) memcpy(cap->resid_pre + LN * d, s.x, sizeof(float) * N * d);
+        if (c->parallel) memcpy(s.x0, s.x, sizeof(float) * N * d); /* the parallel MLP's input */
 
         /* attention: h = norm(x); q, k, v = h W^T + b (patched and captured before q/k norm and rotary) */
         norm_rows(s.pool, s.h, NULL, s.x, N, d, lw->ln1_w, lw->ln1_b, c->norm_eps, c->norm);
@@ -868,7 +897,8 @@ int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids
         apply_patches(s.x, d, SITE_RESID_MID, l, patches, n_patches, NULL);
         if (cap->resid_mid) memcpy(cap->resid_mid + LN * d, s.x, sizeof(float) * N * d);
 
-        /* MLP (of the rows whose output no patch sets) */
+        /* MLP (of the rows whose output no patch sets; parallel block: of the block input x0), then
+         * x = (x + attn_out) + mlp_out in both block kinds */
         mlp_block(&s, lw, c, l, patches, n_patches, N, cap->mlp_post ? cap->mlp_post + LN * F : NULL);
         apply_patches(s.a, d, SITE_MLP_OUT, l, patches, n_patches, NULL);
         if (cap->mlp_out) memcpy(cap->mlp_out + LN * d, s.a, sizeof(float) * N * d);

@@ -186,7 +186,8 @@ static int Model_init(PyModel *self, PyObject *args, PyObject *kw) {
         dict_int(cfgd, "qk_norm", &c->qk_norm, 0) || dict_int(cfgd, "post_norms", &c->post_norms, 0) ||
         dict_float(cfgd, "embed_scale", &c->embed_scale, 0) || dict_float(cfgd, "attn_scale", &c->attn_scale, 1) ||
         dict_float(cfgd, "attn_softcap", &c->attn_softcap, 0) ||
-        dict_float(cfgd, "final_softcap", &c->final_softcap, 0))
+        dict_float(cfgd, "final_softcap", &c->final_softcap, 0) || dict_int(cfgd, "parallel", &c->parallel, 0) ||
+        dict_int(cfgd, "rope_dim", &c->rope_dim, 0) || dict_int(cfgd, "rope_interleaved", &c->rope_interleaved, 0))
         return -1;
     int L = c->n_layers, d = c->d_model, H = c->n_heads, KV = c->n_kv_heads, dh = c->d_head, F = c->d_mlp;
     if (L < 1 || d < 1 || H < 1 || KV < 1 || dh < 1 || F < 1 || c->vocab_size < 1 || c->n_ctx < 1 ||
@@ -198,6 +199,11 @@ static int Model_init(PyModel *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     if (c->norm != NORM_LAYER && c->norm != NORM_RMS) { PyErr_SetString(PyExc_ValueError, "bad norm kind"); return -1; }
+    if (c->rope_dim == 0) c->rope_dim = dh;
+    if (c->rope && (c->rope_dim < 2 || c->rope_dim > dh || c->rope_dim % 2)) {
+        PyErr_Format(PyExc_ValueError, "rope_dim=%d must be even and in [2, d_head=%d]", c->rope_dim, dh);
+        return -1;
+    }
     /* per-layer tables */
     self->layer_window = calloc(L, sizeof(int));
     self->layer_rope = calloc(L, sizeof(int));
@@ -225,18 +231,18 @@ static int Model_init(PyModel *self, PyObject *args, PyObject *kw) {
         PyObject *inv = PyDict_GetItemString(cfgd, "rope_inv_freq"), *ms = PyDict_GetItemString(cfgd, "rope_mscale");
         PyArrayObject *ia = inv ? (PyArrayObject *)PyArray_FROMANY(inv, NPY_FLOAT32, 2, 2, NPY_ARRAY_CARRAY) : NULL;
         PyArrayObject *ma = ms ? (PyArrayObject *)PyArray_FROMANY(ms, NPY_FLOAT32, 1, 1, NPY_ARRAY_CARRAY) : NULL;
-        if (!ia || !ma || PyArray_DIM(ia, 1) != dh / 2 || PyArray_DIM(ma, 0) != PyArray_DIM(ia, 0) ||
+        if (!ia || !ma || PyArray_DIM(ia, 1) != c->rope_dim / 2 || PyArray_DIM(ma, 0) != PyArray_DIM(ia, 0) ||
             PyArray_DIM(ia, 0) < 1) {
             Py_XDECREF(ia); Py_XDECREF(ma);
             if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "rope_inv_freq must be (n_tables, d_head/2) with one mscale per table");
+                PyErr_SetString(PyExc_ValueError, "rope_inv_freq must be (n_tables, rope_dim/2) with one mscale per table");
             return -1;
         }
         int nt = (int)PyArray_DIM(ia, 0);
-        self->rope_inv_freq = malloc(sizeof(float) * nt * (dh / 2));
+        self->rope_inv_freq = malloc(sizeof(float) * nt * (c->rope_dim / 2));
         self->rope_mscale = malloc(sizeof(float) * nt);
         if (!self->rope_inv_freq || !self->rope_mscale) { Py_DECREF(ia); Py_DECREF(ma); PyErr_NoMemory(); return -1; }
-        memcpy(self->rope_inv_freq, PyArray_DATA(ia), sizeof(float) * nt * (dh / 2));
+        memcpy(self->rope_inv_freq, PyArray_DATA(ia), sizeof(float) * nt * (c->rope_dim / 2));
         memcpy(self->rope_mscale, PyArray_DATA(ma), sizeof(float) * nt);
         Py_DECREF(ia); Py_DECREF(ma);
         c->n_rope_tables = nt;
@@ -250,6 +256,7 @@ static int Model_init(PyModel *self, PyObject *args, PyObject *kw) {
     const char *name;
     int V = c->vocab_size, is_ln = c->norm == NORM_LAYER;
     if (get_mat(self, weights, "W_E", 1, V, d, &w->W_E) || get_mat(self, weights, "W_U", 1, V, d, &w->W_U)) return -1;
+    name = "b_U"; WEIGHT(w->b_U, 0, 1, V, 0);
     name = "ln_f_w"; WEIGHT(w->ln_f_w, 1, 1, d, 0);
     name = "ln_f_b"; WEIGHT(w->ln_f_b, 0, 1, d, 0);
     if (c->learned_pos) { name = "W_pos"; WEIGHT(w->W_pos, 1, 2, c->n_ctx, d); }
@@ -391,7 +398,7 @@ static int parse_patches(PyModel *self, PyObject *o_ps, PyObject *o_pl, PyObject
         if (ok) {
             int q = row_seq[p->row];
             int64_t W = site_width(c, p->site, (int64_t)st[q] + len[q]);
-            ok = p->offset >= 0 && p->width >= 1 && p->offset + p->width <= W &&
+            ok = p->offset >= 0 && p->width >= 1 && p->offset + p->width <= W && !(c->parallel && p->site == SITE_RESID_MID) &&
                  (p->site != SITE_ATTN || (p->head >= 0 && p->head < c->n_heads)) &&
                  (p->op == OP_ZERO || (vals && voff >= 0 && voff + p->width <= nval));
         }
@@ -564,6 +571,11 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
         if (!(cap.embed = out_array(capd, "embed", N * d)) && PyErr_Occurred()) goto done;
         if (!(cap.resid_pre = out_array(capd, "resid_pre", LN * d)) && PyErr_Occurred()) goto done;
         if (!(cap.resid_mid = out_array(capd, "resid_mid", LN * d)) && PyErr_Occurred()) goto done;
+        if (cap.resid_mid && c->parallel) {
+            PyErr_SetString(PyExc_ValueError, "a parallel-residual block has no resid_mid (attention and MLP both read "
+                            "resid_pre); use resid_pre + attn_out");
+            goto done;
+        }
         if (!(cap.attn_out = out_array(capd, "attn_out", LN * d)) && PyErr_Occurred()) goto done;
         if (!(cap.mlp_out = out_array(capd, "mlp_out", LN * d)) && PyErr_Occurred()) goto done;
         if (!(cap.head_out = out_array(capd, "head_out", LN * H * d)) && PyErr_Occurred()) goto done;

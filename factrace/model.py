@@ -24,7 +24,8 @@ class RunResult:
 
     Always: ``ids`` (T,), ``logits`` (T, V) (or (1, V) with ``logits="last"``).
     With ``capture``: ``embed`` (T, d) what the embedding layer(s) put in the residual stream;
-    ``resid_pre`` (L, T, d) input of each block; ``resid_mid`` (L, T, d) after the attention add;
+    ``resid_pre`` (L, T, d) input of each block; ``resid_mid`` (L, T, d) after the attention add (absent
+    for parallel-residual blocks, GPT-NeoX / GPT-J, where attention and MLP both read ``resid_pre``);
     ``attn_out`` / ``mlp_out`` (L, T, d) what each sub-block adds; ``head_out`` (L, H, T, d) each head's
     share of ``attn_out`` without the output bias (Gemma: through its post-norm at the run's own scale);
     ``attn`` (L, H, T, T) attention probabilities; ``z`` (L, T, H, dh) each head's mixed values (the input
@@ -36,7 +37,8 @@ class RunResult:
     norm's 1/sqrt(var + eps) per position.
 
     The parts add up: ``resid_final == embed + attn_out.sum(0) + mlp_out.sum(0)`` and
-    ``attn_out[l] == head_out[l].sum(0) + b_O[l]`` (to float32 rounding).
+    ``attn_out[l] == head_out[l].sum(0) + b_O[l]`` (to float32 rounding), for sequential and parallel
+    blocks alike (``resid_pre[l + 1] == resid_pre[l] + attn_out[l] + mlp_out[l]``).
     """
 
     ids: np.ndarray
@@ -274,7 +276,10 @@ class Model:
             ids: token ids (T,), a str (encoded with special tokens), or a list of sequences / strs.
             capture: False, True (every field of :class:`RunResult` except the K/V caches), or a list of
                 names from ``embed, resid_pre, resid_mid, attn_out, mlp_out, head_out, attn, z,
-                resid_final, final_scale, k_cache, v_cache, norm_scale_attn``.
+                resid_final, final_scale, k_cache, v_cache, norm_scale_attn``. A parallel-residual model
+                (``config.parallel``: GPT-NeoX / Pythia, GPT-J) has no ``resid_mid``: ``capture=True`` leaves
+                it out and asking for it raises :class:`~factrace.InputError` (its equivalent for the MLP is
+                ``resid_pre``; ``resid_pre + attn_out`` is the sum after the attention add).
             interventions: a list of :mod:`factrace.interventions` objects, applied in one pass.
             logits: ``"all"`` (T, V), ``"last"`` (1, V) or None.
 
@@ -287,7 +292,7 @@ class Model:
         """
         seqs, single = self._as_batch(ids)
         if capture is True:
-            names = list(ALL_CAPTURES)
+            names = [n for n in ALL_CAPTURES if not (n == "resid_mid" and self.config.parallel)]
         elif not capture:
             names = []
         else:
@@ -295,6 +300,9 @@ class Model:
             bad = [n for n in names if n not in CAPTURE_NAMES]
             if bad:
                 raise ValueError(f"unknown capture {bad}; known: {', '.join(CAPTURE_NAMES)}")
+            if "resid_mid" in names and self.config.parallel:
+                raise InputError(f"{self.name}: {self.config.arch} has parallel-residual blocks (attention and MLP both "
+                                 "read resid_pre), so there is no resid_mid to capture; use resid_pre + attn_out")
         c = self.config
         lens = np.array([len(s) for s in seqs], np.int32)
         N = int(lens.sum())

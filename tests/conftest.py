@@ -11,6 +11,21 @@ SHARED_DATA = SHARED / "data"
 MODEL_FIXTURES = sorted(p.name for p in FIXTURES.iterdir() if (p / "expected.npz").exists()) if FIXTURES.exists() else []
 
 
+def _fixture_config(name):
+    import json
+
+    from factrace.io.config import from_hf_config
+
+    return from_hf_config(json.loads((FIXTURES / name / "config.json").read_text()))
+
+
+_CONFIGS = {n: _fixture_config(n) for n in MODEL_FIXTURES}
+# the first fixture of every architecture of the table (for suites too costly to run on every fixture)
+ARCH_FIXTURES = sorted({_CONFIGS[n].arch: n for n in reversed(MODEL_FIXTURES)}.values())
+# fixtures with parallel-residual blocks (GPT-NeoX with use_parallel_residual, GPT-J)
+PARALLEL_FIXTURES = [n for n in MODEL_FIXTURES if _CONFIGS[n].parallel]
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     if not SHARED_DATA.exists():

@@ -48,8 +48,11 @@ def representable(cfg) -> str:
     sw = max(cfg.layer_window)
     if arch.gguf.extra == "gemma" and cfg.layer_window != [sw if (i + 1) % 6 else 0 for i in range(cfg.n_layers)]:
         return "Gemma's layer types differ from llama.cpp's fixed pattern (every 6th layer global)"
-    if cfg.mlp_bias and not cfg.learned_pos:
+    if cfg.mlp_bias and not any("b_down" in t.to for t in arch.gguf.tensors):
         return "llama.cpp's llama tensors have no MLP biases"
+    fixed_act = arch.gguf.fixed.get(arch.act.names[0])
+    if fixed_act is not None and fixed_act != cfg.act:
+        return f"GGUF does not store the activation; llama.cpp's {arch.gguf.arch} loads as {fixed_act}, not {cfg.act}"
     return ""
 
 
@@ -66,10 +69,12 @@ def write_gguf(m, path) -> None:
           "n_layer": cfg.n_layers, "num_attention_heads": cfg.n_heads, "n_head": cfg.n_heads,
           "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.d_mlp, "n_inner": cfg.d_mlp,
           "max_position_embeddings": cfg.n_ctx, "n_positions": cfg.n_ctx, "head_dim": cfg.d_head,
-          "rms_norm_eps": cfg.norm_eps, "layer_norm_epsilon": cfg.norm_eps}
-    theta = raw.get("rope_theta") or (raw.get("rope_parameters") or {}).get("rope_theta")
+          "rms_norm_eps": cfg.norm_eps, "layer_norm_epsilon": cfg.norm_eps, "layer_norm_eps": cfg.norm_eps,
+          "use_parallel_residual": bool(cfg.parallel)}
+    theta = (raw.get("rope_theta") or (raw.get("rope_parameters") or {}).get("rope_theta")
+             or raw.get("rotary_emb_base"))
     if theta is not None:
-        hf["rope_theta"] = theta
+        hf["rope_theta"] = hf["rotary_emb_base"] = theta
     if any(cfg.layer_window):
         hf["sliding_window"] = max(cfg.layer_window)
     for hf_key, (key, default) in spec.keys.items():
@@ -77,10 +82,14 @@ def write_gguf(m, path) -> None:
             continue
         v = hf[hf_key]
         name = f"{spec.arch}.{key}"
-        if isinstance(v, float) or key.endswith(("epsilon", "freq_base")):
+        if isinstance(v, bool):
+            w.add_bool(name, v)
+        elif isinstance(v, float) or key.endswith(("epsilon", "freq_base")):
             w.add_float32(name, float(v))
         else:
             w.add_uint32(name, int(v))
+    if cfg.rope:  # llama.cpp writes the rotated dims per head (GPT-NeoX: int(head_size * rotary_pct))
+        w.add_uint32(f"{spec.arch}.rope.dimension_count", int(cfg.rope_dim or cfg.d_head))
     rs = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
     if isinstance(rs, dict) and rs.get("rope_type", rs.get("type")) == "linear":
         w.add_string(f"{spec.arch}.rope.scaling.type", "linear")

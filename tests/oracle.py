@@ -14,7 +14,8 @@ Capture definitions (T tokens, L layers, d hidden, H query heads, dh head dim, V
     resid_pre   (L, T, d)     the input hidden_states of each decoder block (resid_pre[0] == embed).
     attn_out    (L, T, d)     what the attention sub-block adds to the residual stream: output[0] of the
                               attention module (GPT-2 ``attn``: c_proj incl. its bias; Llama/Qwen/Mistral
-                              ``self_attn``: o_proj incl. bias if any); Gemma 3: the OUTPUT of
+                              ``self_attn``: o_proj incl. bias if any; GPT-NeoX ``attention``: dense;
+                              GPT-J ``attn``: out_proj); Gemma 3: the OUTPUT of
                               ``post_attention_layernorm``.
     mlp_out     (L, T, d)     likewise for the MLP (``mlp`` output; Gemma 3: ``post_feedforward_layernorm``
                               output).
@@ -51,7 +52,8 @@ import numpy as np
 #   noprefix      GPT-2 only: rewrite the file like openai-community/gpt2 (no "transformer." prefix, no
 #                 lm_head, with h.N.attn.bias / h.N.attn.masked_bias buffers)
 #   legacy_config rewrite config.json the way pre-v5 checkpoints on the Hub look: "rope_theta" and
-#                 "rope_scaling" (and for Gemma 3 "rope_local_base_freq") instead of transformers 5's
+#                 "rope_scaling" (and for Gemma 3 "rope_local_base_freq"; for GPT-NeoX "rotary_pct" and
+#                 "rotary_emb_base", without "attention_bias", like Pythia's) instead of transformers 5's
 #                 "rope_parameters", and "torch_dtype" instead of "dtype".
 #   prompt_lens   lengths of the two fixture prompts
 #   covers        one line for tests/fixtures/models/README.md
@@ -188,6 +190,37 @@ SPECS: dict[str, dict] = {
                "layers use plain theta 1e4), MQA (1 kv head), full layer first, bf16 storage, "
                "transformers-5 config (per-layer-type rope_parameters).",
     ),
+    "pythia_parallel": dict(
+        arch="GPTNeoXForCausalLM", config_class="GPTNeoXConfig",
+        config=dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=NPOS, layer_norm_eps=1e-5,
+                    rotary_pct=0.25, rotary_emb_base=5000, hidden_act="gelu", use_parallel_residual=True,
+                    tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+        dtype="float16", shard_size=None, tied=False, seed=12, special=["<|endoftext|>"], legacy_config=True,
+        covers="GPT-NeoX / Pythia: parallel residual, query_key_value fused per head, rotary on the first 4 of "
+               "16 head dims (rotary_pct 0.25, rotary_emb_base 5000), exact gelu, LayerNorm and attention/MLP "
+               "biases, untied embed_out, f16 storage, Pythia's legacy config keys.",
+    ),
+    "neox_sequential": dict(
+        arch="GPTNeoXForCausalLM", config_class="GPTNeoXConfig",
+        config=dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                    num_attention_heads=4, max_position_embeddings=NPOS, layer_norm_eps=1e-5,
+                    rotary_pct=1.0, rotary_emb_base=10000, hidden_act="gelu_new", use_parallel_residual=False,
+                    attention_bias=False, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+        dtype="float32", shard_size="40KB", tied=False, seed=13, special=["<|endoftext|>"],
+        covers="GPT-NeoX sequential block (use_parallel_residual false), rotary on the whole head (rotary_pct "
+               "1.0), gelu_new, attention_bias false (MLP biases only), 3 layers, fp32, sharded, "
+               "transformers-5 config (rope_parameters with partial_rotary_factor).",
+    ),
+    "gptj": dict(
+        arch="GPTJForCausalLM", config_class="GPTJConfig",
+        config=dict(vocab_size=V, n_positions=NPOS, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_inner=None,
+                    activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=False,
+                    bos_token_id=0, eos_token_id=0),
+        dtype="bfloat16", shard_size=None, tied=False, seed=14, special=["<|endoftext|>"],
+        covers="GPT-J: parallel block with one shared ln_1, no q/k/v/out biases, interleaved rotary on the "
+               "first 4 of 8 head dims (rotary_dim), gelu_new, lm_head with a bias, bf16 storage.",
+    ),
 }
 
 
@@ -266,6 +299,11 @@ def _randomise(model, spec):
 def _legacy_config(cfg: dict, spec: dict) -> dict:
     """Rewrite a transformers-5 config.json dict into the pre-v5 layout found on the Hub."""
     out = {}
+    if cfg.get("model_type") == "gpt_neox":  # Pythia: rotary_pct / rotary_emb_base, no attention_bias key
+        rp = cfg.pop("rope_parameters")
+        out["rotary_pct"], out["rotary_emb_base"] = rp["partial_rotary_factor"], rp["rope_theta"]
+        if cfg.get("attention_bias") is True:
+            del cfg["attention_bias"]
     for k, v in cfg.items():
         if k == "dtype":
             out["torch_dtype"] = v
@@ -387,6 +425,14 @@ def build(name: str, out_dir: str) -> str:
 def _parts(model):
     """(layers, final_norm, per-layer (attn_out module, mlp_out module, o_proj module))."""
     mt = model.config.model_type
+    if mt == "gpt_neox":
+        base = model.gpt_neox
+        layers = list(base.layers)
+        return layers, base.final_layer_norm, [(l.attention, l.mlp, l.attention.dense) for l in layers]
+    if mt == "gptj":
+        base = model.transformer
+        layers = list(base.h)
+        return layers, base.ln_f, [(l.attn, l.mlp, l.attn.out_proj) for l in layers]
     if mt == "gpt2":
         base = model.transformer
         layers = list(base.h)

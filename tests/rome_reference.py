@@ -11,6 +11,8 @@ def _untuple(x):
 def _layers(model):
     if hasattr(model, "transformer"):
         return model.transformer.h
+    if hasattr(model, "gpt_neox"):
+        return model.gpt_neox.layers
     return model.model.layers
 
 
@@ -20,7 +22,9 @@ def _module(model, layer, kind):
         return blk
     if kind == "mlp":
         return blk.mlp
-    return blk.attn if hasattr(blk, "attn") else blk.self_attn
+    for name in ("attn", "self_attn", "attention"):
+        if hasattr(blk, name):
+            return getattr(blk, name)
 
 
 def trace_with_patch(model, ids, states, answer, span, noise):

@@ -73,7 +73,7 @@ def test_lookup_tables_are_consistent():
 def _minimal(arch):
     """A config dict with only the required keys of an entry (the rest from its defaults)."""
     a = A.ARCHS[arch]
-    vals = {"d_model": 32, "n_layers": 2, "n_heads": 4, "vocab_size": 50, "d_mlp": 64}
+    vals = {"d_model": 256, "n_layers": 2, "n_heads": 4, "vocab_size": 50, "d_mlp": 64}
     out = {}
     for f, key in a.sizes.items():
         if key.default is A.REQUIRED:
@@ -94,9 +94,10 @@ def test_fixture_through_its_entry(name):
 
 
 def _gguf_ready(name, tmp_path):
-    """(model, compare_with_reference): the fixture model, or for a Gemma fixture whose
-    query_pre_attn_scalar GGUF cannot store, the same checkpoint with it set to head_dim (then the GGUF file
-    is compared with that safetensors model only). None when GGUF cannot express the config at all."""
+    """(model, compare_with_reference): the fixture model, or for a fixture with a value GGUF cannot store
+    (Gemma's query_pre_attn_scalar, GPT-NeoX's gelu_new), the same checkpoint with it set to what llama.cpp
+    fixes (then the GGUF file is compared with that safetensors model only). None when GGUF cannot express
+    the config at all."""
     m = fixture_model(name)
     if not representable(m.config):
         return m, True
@@ -110,10 +111,12 @@ def _gguf_ready(name, tmp_path):
 
 
 def _patched(cfg) -> dict:
-    """Gemma 3's config with what llama.cpp's gemma3 GGUF fixes: query_pre_attn_scalar = head_dim, every
-    6th layer global."""
+    """The config with what llama.cpp's GGUF fixes: for Gemma 3 query_pre_attn_scalar = head_dim, every
+    6th layer global; the activation where the format does not store it (gptneox: exact gelu)."""
     L = cfg.n_layers
-    return dict(cfg.raw, query_pre_attn_scalar=cfg.d_head,
+    spec, act_key = A.ARCHS[cfg.arch].gguf, A.ARCHS[cfg.arch].act.names[0]
+    act = {act_key: spec.fixed[act_key]} if spec is not None and act_key in spec.fixed else {}
+    return dict(cfg.raw, query_pre_attn_scalar=cfg.d_head, **act,
                 layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(L)])
 
 
@@ -135,11 +138,83 @@ def test_fixture_through_its_gguf_entry(name, tmp_path):
     g = factrace.load(path)
     assert g.config.arch == m.config.arch
     for f in ("n_layers", "n_heads", "n_kv_heads", "d_head", "d_mlp", "tied", "qk_norm", "post_norms",
-              "layer_window", "layer_rope", "attn_scale", "embed_scale"):
+              "layer_window", "layer_rope", "attn_scale", "embed_scale", "parallel", "rope_dim", "rope_interleaved",
+              "act"):
         assert getattr(g.config, f) == getattr(m.config, f), f
+    assert g.config.norm_eps == pytest.approx(m.config.norm_eps, rel=1e-6)  # GGUF stores it as float32
     e = expected(name)
     for p in ("p0", "p1"):
         r = g.run(e[f"{p}_ids"], logits="all")
         np.testing.assert_allclose(r.logits, m.run(e[f"{p}_ids"]).logits, atol=2e-5, rtol=0)
         if reference:
             assert np.abs(r.logits - e[f"{p}_logits"]).max() <= TOL
+
+
+def _llama_cpp_qkv(t: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's GPTNeoXModel converter does to query_key_value (weight (3d, d) or bias (3d,)): the
+    per-head (n_head, 3, head_size, ...) rows regrouped into all q rows, then all k rows, then all v rows."""
+    v = t.reshape(n_head, 3, t.shape[0] // (3 * n_head), *t.shape[1:])
+    return np.concatenate([v[:, j].reshape(-1, *t.shape[1:]) for j in range(3)], 0)
+
+
+def test_gptneox_gguf_has_llama_cpps_qkv_order_and_rotary_count(tmp_path):
+    """The synthetic gptneox GGUF stores attn_qkv exactly as llama.cpp's converter writes it from the
+    Hugging Face tensor, and the loader undoes exactly that (split into q, k, v); rope.dimension_count
+    (the rotated dims per head) comes back as rotary_pct."""
+    pytest.importorskip("gguf")
+    from factrace.io.gguf import GGUFFile
+    from factrace.io.safetensors import Checkpoint
+
+    name = "pythia_parallel"
+    m = fixture_model(name)
+    path = tmp_path / "neox.gguf"
+    write_gguf(m, path)
+    f = GGUFFile(path)
+    assert f.metadata["general.architecture"] == "gptneox"
+    assert int(f.metadata["gptneox.rope.dimension_count"]) == m.config.rope_dim == 4
+    assert bool(f.metadata["gptneox.use_parallel_residual"]) is True
+    with Checkpoint(FIXTURES / name) as ck:
+        for i in range(m.config.n_layers):
+            for kind in ("weight", "bias"):
+                hf = ck.tensor(f"gpt_neox.layers.{i}.attention.query_key_value.{kind}")
+                np.testing.assert_array_equal(f.tensor(f"blk.{i}.attn_qkv.{kind}"), _llama_cpp_qkv(hf, m.config.n_heads))
+    g = factrace.load(path)
+    assert g.config.parallel and g.config.rope_dim == 4 and g.config.act == "gelu"
+    for w in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V"):
+        np.testing.assert_array_equal(g.W(w, 1), m.W(w, 1))
+
+
+@pytest.mark.parametrize("n_rot,d,H", [(4, 32, 2), (20, 640, 8), (24, 640, 8), (32, 512, 8), (2, 96, 3), (64, 256, 1)])
+def test_gptneox_gguf_rotary_count_round_trips(n_rot, d, H):
+    c = {"hidden_size": d, "num_attention_heads": H}
+    A.GGUF_EXTRAS["gptneox"](lambda k: n_rot if k == "rope.dimension_count" else None, c)
+    assert int((d // H) * c["rotary_pct"]) == n_rot
+
+
+@pytest.mark.parametrize("changes,rope_dim", [
+    ({}, 4),                                                      # legacy rotary_pct 0.25 of 16
+    ({"rotary_pct": 0.5}, 8),
+    ({"rotary_pct": None, "rope_parameters": {"rope_theta": 5000, "partial_rotary_factor": 1.0}}, 16),
+    ({"rotary_pct": None}, 4),                                    # transformers' default 0.25
+])
+def test_neox_partial_rotary_keys(changes, rope_dim):
+    raw = dict(json.loads((FIXTURES / "pythia_parallel" / "config.json").read_text()), **changes)
+    raw = {k: v for k, v in raw.items() if v is not None}
+    cfg = from_hf_config(raw)
+    assert cfg.rope_dim == rope_dim and cfg.rope_inv_freq.shape == (1, rope_dim // 2)
+    base = raw.get("rope_parameters", {}).get("rope_theta", raw.get("rotary_emb_base"))
+    np.testing.assert_allclose(cfg.rope_inv_freq[0, 1], base ** (-2 / rope_dim), rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch,changes,what", [
+    ("pythia_parallel", {"rotary_pct": 0.1}, "rotary dims"),      # int(16 * 0.1) = 1: odd
+    ("pythia_parallel", {"rotary_pct": 0.0}, "rotary_pct"),
+    ("pythia_parallel", {"rotary_pct": 2.0}, "rotary dims"),
+    ("gptj", {"rotary_dim": 3}, "rotary dims"),
+    ("gptj", {"rotary_dim": 16}, "rotary dims"),                  # > head_dim 8
+    ("gptj", {"rotary_dim": "4"}, "rotary_dim"),
+])
+def test_rotary_dims_are_checked(arch, changes, what):
+    raw = dict(json.loads((FIXTURES / arch / "config.json").read_text()), **changes)
+    with pytest.raises(factrace.ConfigError, match=what):
+        from_hf_config(raw)

@@ -13,7 +13,7 @@ import factrace
 from factrace.methods import attention_knockout as AK
 from factrace.methods import dla as A
 from factrace.methods import lens as LN
-from conftest import FIXTURES, MODEL_FIXTURES, expected, fixture_model
+from conftest import FIXTURES, MODEL_FIXTURES, PARALLEL_FIXTURES, expected, fixture_model
 
 TOL = 1e-4
 
@@ -145,7 +145,7 @@ def test_dla_matches_numpy_from_captured_states(name):
     c = m.config
     ids = _ids(name)
     r = m.run(ids, capture=True)
-    r = m.run(ids, capture=list(factrace.model.CAPTURE_NAMES))
+    r = m.run(ids, capture=[n for n in factrace.model.CAPTURE_NAMES if not (n == "resid_mid" and c.parallel)])
     q = len(ids) - 1
     res = factrace.dla(m, ids, target=(3, 8), subject=(1, 4))
     u, fb = _np_direction(m, r, q, [3], [8])
@@ -157,6 +157,8 @@ def test_dla_matches_numpy_from_captured_states(name):
     np.testing.assert_allclose(res.mlp + res.mlp_bias, r.mlp_out[:, q].astype(np.float64) @ u, atol=TOL)
     assert res.embed + res.pos == pytest.approx(float(r.embed[q].astype(np.float64) @ u), abs=TOL)
     assert res.final_bias == pytest.approx(fb, abs=TOL)
+    b_U = m.W("b_U")  # GPT-J's lm_head bias: a part of its own
+    assert res.unembed_bias == (0.0 if b_U is None else pytest.approx(float(b_U[3]) - float(b_U[8]), abs=1e-6))
     want = float(r.logits[q, 3]) - float(r.logits[q, 8])
     assert res.logit == pytest.approx(want, abs=1e-6)
 
@@ -170,6 +172,10 @@ def test_dla_layernorm_centering_and_bias_rows():
     assert df[df.component == "attn_bias"]["source_pos"].isna().all()
     g = factrace.dla(fixture_model("gpt2"), _ids("gpt2"), subject=(1, 3))
     assert g.pos != 0 and g.final_bias != 0  # GPT-2: learned positions and the final LayerNorm's bias
+    j = factrace.dla(fixture_model("gptj"), _ids("gptj"), subject=(1, 3))  # GPT-J: lm_head's bias, its own row
+    assert j.unembed_bias != 0 and (j.frame()["component"] == "unembed_bias").sum() == 1
+    assert j.mechanisms()["direct"] == pytest.approx(j.embed + j.final_bias + j.unembed_bias + j.attn_bias.sum()
+                                                     + j.mlp_bias.sum(), abs=1e-9)
 
 
 def test_dla_rejects_final_softcap():
@@ -285,7 +291,8 @@ def _np_lens_logits(m, x):
         y = y + m.W("ln_f_b")
     else:
         y = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + c.norm_eps) * w
-    return y @ m.W("W_U").astype(np.float64).T
+    y = y @ m.W("W_U").astype(np.float64).T
+    return y if m.W("b_U") is None else y + m.W("b_U")
 
 
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
@@ -340,7 +347,7 @@ def test_knockout_windows():
     assert AK.knockout_keys(6, (1, 3), "last") == [5]
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa2_tied", "mistral", "gemma3"])
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa2_tied", "mistral", "gemma3"] + PARALLEL_FIXTURES)
 def test_knockout_of_no_edges_changes_nothing_and_batch_equals_single(name):
     m = fixture_model(name)
     ids = _ids(name)
@@ -393,7 +400,7 @@ def hf():
     return get
 
 
-LIVE = ["gpt2", "llama_gqa2_tied", "gemma3", "mistral"]
+LIVE = ["gpt2", "llama_gqa2_tied", "gemma3", "mistral", "pythia_parallel", "gptj"]
 
 
 @pytest.mark.oracle
@@ -443,7 +450,8 @@ def test_knockout_live_vs_transformers_masks(name, hf, tmp_path_factory):
             return args, kwargs
 
         for l in block_layers:
-            mod = layers_[l].attn if m.config.arch == "GPT2LMHeadModel" else layers_[l].self_attn
+            blk = layers_[l]
+            mod = next(getattr(blk, a) for a in ("attn", "self_attn", "attention") if hasattr(blk, a))
             hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         try:
             with torch.no_grad():
@@ -470,7 +478,7 @@ def test_knockout_live_vs_transformers_masks(name, hf, tmp_path_factory):
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("name", ["gpt2", "qwen2", "gemma3"])
+@pytest.mark.parametrize("name", ["gpt2", "qwen2", "gemma3", "pythia_parallel", "gptj"])
 def test_dla_live_vs_torch_hooks(name, hf, tmp_path_factory):
     """Each head's DLA from torch: o_proj's input hooked, head slices through o_proj (and Gemma's
     post-attention norm at its frozen scale), final norm frozen, against factrace.dla."""

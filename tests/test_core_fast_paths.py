@@ -12,7 +12,7 @@ import factrace
 from factrace import interventions as iv
 from factrace.interventions import compile_interventions
 
-from conftest import MODEL_FIXTURES, fixture_model
+from conftest import MODEL_FIXTURES, PARALLEL_FIXTURES, fixture_model
 
 
 def _forward(m, lens, ids, logit_rows, full, **kw):
@@ -57,7 +57,7 @@ def test_pruned_last_block_equals_full(name):
     assert not np.allclose(out, _forward(m, lens, ids, last, True)), "the interventions changed nothing"
 
 
-@pytest.mark.parametrize("name", ["gpt2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("name", ["gpt2", "qwen3", "gemma3"] + PARALLEL_FIXTURES)
 def test_pruned_last_block_with_prefix_and_resid_in(name):
     """The tracing engine's calls: rows resumed at a layer from resid_in, earlier positions from a cache."""
     m = fixture_model(name)

@@ -5,7 +5,8 @@ comparison is tests/test_parity_live.py."""
 import numpy as np
 import pytest
 
-from conftest import MODEL_FIXTURES, expected, fixture_model
+import factrace
+from conftest import MODEL_FIXTURES, PARALLEL_FIXTURES, expected, fixture_model
 
 TOL = 1e-4
 
@@ -41,6 +42,34 @@ def test_parts_add_up(name):
     # each block's input is the previous block's input plus its two outputs
     for l in range(m.config.n_layers - 1):
         np.testing.assert_allclose(r.resid_pre[l + 1], r.resid_pre[l] + r.attn_out[l] + r.mlp_out[l], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", PARALLEL_FIXTURES)
+def test_parallel_block_has_no_resid_mid(name):
+    """GPT-NeoX (use_parallel_residual) and GPT-J: attention and MLP both read resid_pre, so there is no
+    resid_mid: capture=True leaves it out, asking for it is an InputError (the C core refuses it too)."""
+    m = fixture_model(name)
+    assert m.config.parallel
+    ids = expected(name)["p0_ids"]
+    assert m.run(ids, capture=True).resid_mid is None
+    with pytest.raises(factrace.InputError, match="no resid_mid"):
+        m.run(ids, capture=["resid_mid"])
+    with pytest.raises(ValueError, match="no resid_mid"):
+        m._core.forward(np.array([len(ids)], np.int32), ids=ids.astype(np.int32),
+                        capture={"resid_mid": np.empty((m.config.n_layers, len(ids), m.config.d_model), np.float32)})
+    # the MLP reads the block input: its output is the MLP of ln2(resid_pre), not of resid_pre + attn_out
+    r = m.run(ids, capture=["resid_pre", "mlp_out"])
+    l = m.config.n_layers - 1
+    h = _layernorm(r.resid_pre[l], m.W("ln2_w", l), m.W("ln2_b", l), m.config.norm_eps)
+    up = h @ m.W("W_up", l).astype(np.float64).T + m.W("b_up", l)
+    act = 0.5 * up * (1 + np.tanh(np.sqrt(2 / np.pi) * (up + 0.044715 * up ** 3))) if m.config.act == "gelu_new" else \
+        0.5 * up * (1 + np.vectorize(__import__("math").erf)(up / np.sqrt(2)))
+    np.testing.assert_allclose(act @ m.W("W_down", l).astype(np.float64).T + m.W("b_down", l), r.mlp_out[l], atol=1e-4)
+
+
+def _layernorm(x, w, b, eps):
+    x = x.astype(np.float64)
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * w + b
 
 
 @pytest.mark.parametrize("name", MODEL_FIXTURES)

@@ -101,6 +101,17 @@ def test_files_and_numbers(done):
     np.testing.assert_allclose(got.to_numpy(), tr.effect[e - 1], rtol=1e-6, atol=1e-9)
 
 
+def test_report_on_parallel_residual_models(tmp_path, records_file):
+    """Pythia-style GPT-NeoX and GPT-J (parallel blocks, partial rotary) through every stage of the report."""
+    names = ["pythia_parallel", "gptj"]
+    res = small(tmp_path / "rep", records_file, models=[str(FIXTURES / n) for n in names])
+    summ = res.tables["summary"].set_index("model")
+    assert list(summ.traced) == [3, 3]
+    assert set(res.tables["peaks"].model) == set(names) and set(res.tables["raw_severing"].model) == set(names)
+    assert set(res.tables["raw_knockout"].kind) == {"mlp", "attn"} and len(res.tables["gini"]) > 0
+    assert res.html.exists() and "pythia_parallel" in res.markdown.read_text()
+
+
 def test_resume_recomputes_only_the_deleted_stage(done):
     res, out, data = done
     before = pd.read_csv(out / "tables" / "severing.csv")

@@ -8,7 +8,7 @@ from factrace import interventions as iv
 from factrace.methods.tracing import _Tracer, trace, trace_all
 from factrace.methods.knockout import gini, knockout
 from factrace.methods.severing import sever
-from conftest import MODEL_FIXTURES, expected, fixture_model, FIXTURES
+from conftest import ARCH_FIXTURES, MODEL_FIXTURES, PARALLEL_FIXTURES, expected, fixture_model, FIXTURES
 
 SPAN = (2, 5)
 
@@ -47,7 +47,7 @@ def _deep_model(name, n_layers, seed=0):
     return factrace.Model(cfg, w, tokenizer=m.tokenizer, name=f"{name}-deep{n_layers}")
 
 
-@pytest.mark.parametrize("name", ["gpt2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("name", sorted(set(ARCH_FIXTURES) | set(PARALLEL_FIXTURES)))
 def test_fast_equals_naive_every_window_deep_model(name):
     """Every window size from 1 to beyond L on a 7-layer model: trunk groups ending at every layer,
     windows reaching the top, entries at every layer including the last."""
@@ -122,7 +122,7 @@ def test_window_clipping_follows_the_reference():
     np.testing.assert_allclose(r3.scores, r3n.scores, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gemma3", "llama_sharded"])
+@pytest.mark.parametrize("name", ["gpt2", "gemma3", "llama_sharded"] + PARALLEL_FIXTURES + ["neox_sequential"])
 @pytest.mark.parametrize("reference_noise", [False, True])
 def test_sever_fast_equals_naive(name, reference_noise):
     m = fixture_model(name)
@@ -251,7 +251,8 @@ def test_trace_dataset_and_interrupt(monkeypatch):
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa2_tied", "qwen2", "qwen3", "mistral", "gemma3"])
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa2_tied", "qwen2", "qwen3", "mistral", "gemma3", "pythia_parallel",
+                                  "neox_sequential", "gptj"])
 def test_matches_independent_torch_reference(name):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -195,7 +195,38 @@ def _rope_gemma(c, cfg, where):
     cfg.layer_rope = [1 if w else 0 for w in cfg.layer_window]
 
 
-ROPE_RULES = {"none": _rope_none, "single": _rope_single, "gemma": _rope_gemma}
+def _rotary_dims(rot, key, cfg, where) -> int:
+    if not 2 <= rot <= cfg.d_head or rot % 2:
+        raise ConfigError(f"{where}: {key} gives {rot} rotary dims per head; they must be even and in [2, {cfg.d_head}]")
+    return rot
+
+
+def _rope_neox(c, cfg, where):
+    """GPT-NeoX: rotate-half on the first int(dh * partial_rotary_factor) dims of each head
+    (rope_parameters, or the legacy rotary_pct, default 0.25), base rope_theta or rotary_emb_base (10000)."""
+    theta, scaling = rope_params(c, where, theta_key="rotary_emb_base")
+    rp = opt_dict(c, "rope_parameters", where) or {}
+    key = "partial_rotary_factor" if "partial_rotary_factor" in rp else "rotary_pct"
+    pct = num(rp.get(key, c.get(key, 0.25)), key, where)
+    cfg.rope_dim = _rotary_dims(int(cfg.d_head * pct), key, cfg, where)
+    inv, ms = rope_inv_freq(cfg.rope_dim, theta, scaling, where)
+    cfg.rope_inv_freq, cfg.rope_mscale = inv[None, :], np.array([ms], np.float32)
+    cfg.layer_rope = [0] * cfg.n_layers
+
+
+def _rope_gptj(c, cfg, where):
+    """GPT-J: interleaved pairs on the first rotary_dim dims of each head (default 64; null: the whole
+    head), base 10000 (not configurable)."""
+    rd = c.get("rotary_dim", 64)
+    rot = cfg.d_head if rd is None else pos_int(rd, "rotary_dim", where)
+    cfg.rope_dim = _rotary_dims(rot, "rotary_dim", cfg, where)
+    inv, ms = rope_inv_freq(cfg.rope_dim, 10000.0, None, where)
+    cfg.rope_inv_freq, cfg.rope_mscale = inv[None, :], np.array([ms], np.float32)
+    cfg.layer_rope = [0] * cfg.n_layers
+
+
+ROPE_RULES = {"none": _rope_none, "single": _rope_single, "gemma": _rope_gemma, "neox": _rope_neox,
+              "gptj": _rope_gptj}
 
 
 def _scales_default(c, cfg, where):
@@ -225,7 +256,17 @@ def _gguf_gemma_extra(md_get, c):
         c["query_pre_attn_scalar"] = c["head_dim"]
 
 
-GGUF_EXTRAS = {"": None, "gemma": _gguf_gemma_extra}
+def _gguf_neox_extra(md_get, c):
+    """GPT-NeoX GGUF: llama.cpp stores the rotary dims (rope.dimension_count), transformers reads the
+    fraction rotary_pct; chosen so that int(head_size * rotary_pct) gives the stored count back."""
+    n_rot, d, H = md_get("rope.dimension_count"), c.get("hidden_size"), c.get("num_attention_heads")
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in (n_rot, d, H)) and d >= H:
+        hs = int(d) // int(H)
+        pct = int(n_rot) / hs
+        c["rotary_pct"] = pct if int(hs * pct) == n_rot else (int(n_rot) + 0.5) / hs
+
+
+GGUF_EXTRAS = {"": None, "gemma": _gguf_gemma_extra, "gptneox": _gguf_neox_extra}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +340,48 @@ GPT2_GGUF_TENSORS = (
     Tensor("blk.{i}.ffn_down.weight", ("W_down",)),
     Tensor("blk.{i}.ffn_down.bias", ("b_down",)),
 )
+
+
+def _neox_tensors() -> tuple:
+    """GPTNeoXForCausalLM (Pythia): query_key_value fused per head (split_heads), untied embed_out."""
+    b, a, m = "gpt_neox.layers.{i}.", "gpt_neox.layers.{i}.attention.", "gpt_neox.layers.{i}.mlp."
+    return (
+        Tensor("gpt_neox.embed_in.weight", ("W_E",), glob=True),
+        Tensor("gpt_neox.final_layer_norm.weight", ("ln_f_w",), glob=True),
+        Tensor("gpt_neox.final_layer_norm.bias", ("ln_f_b",), glob=True),
+        Tensor("embed_out.weight", ("W_U",), glob=True, when="!tied"),
+        Tensor(b + "input_layernorm.weight", ("ln1_w",)), Tensor(b + "input_layernorm.bias", ("ln1_b",)),
+        Tensor(a + "query_key_value.weight", ("W_Q", "W_K", "W_V"), "split_heads"),
+        Tensor(a + "query_key_value.bias", ("b_Q", "b_K", "b_V"), "split_heads", when="attn_bias"),
+        Tensor(a + "dense.weight", ("W_O",)), Tensor(a + "dense.bias", ("b_O",), when="o_bias"),
+        Tensor(b + "post_attention_layernorm.weight", ("ln2_w",)),
+        Tensor(b + "post_attention_layernorm.bias", ("ln2_b",)),
+        Tensor(m + "dense_h_to_4h.weight", ("W_up",)), Tensor(m + "dense_h_to_4h.bias", ("b_up",)),
+        Tensor(m + "dense_4h_to_h.weight", ("W_down",)), Tensor(m + "dense_4h_to_h.bias", ("b_down",)),
+    )
+
+
+def _gptj_tensors() -> tuple:
+    """GPTJForCausalLM: one ln_1 feeding attention and MLP (both canonical norms), no attention biases,
+    lm_head with a bias."""
+    b = "{p}h.{i}."
+    return (
+        Tensor("{p}wte.weight", ("W_E",), glob=True),
+        Tensor("{p}ln_f.weight", ("ln_f_w",), glob=True), Tensor("{p}ln_f.bias", ("ln_f_b",), glob=True),
+        Tensor("lm_head.weight", ("W_U",), glob=True, when="!tied"),
+        Tensor("lm_head.bias", ("b_U",), glob=True),
+        Tensor(b + "ln_1.weight", ("ln1_w", "ln2_w"), "dup"), Tensor(b + "ln_1.bias", ("ln1_b", "ln2_b"), "dup"),
+        Tensor(b + "attn.q_proj.weight", ("W_Q",)), Tensor(b + "attn.k_proj.weight", ("W_K",)),
+        Tensor(b + "attn.v_proj.weight", ("W_V",)), Tensor(b + "attn.out_proj.weight", ("W_O",)),
+        Tensor(b + "mlp.fc_in.weight", ("W_up",)), Tensor(b + "mlp.fc_in.bias", ("b_up",)),
+        Tensor(b + "mlp.fc_out.weight", ("W_down",)), Tensor(b + "mlp.fc_out.bias", ("b_down",)),
+    )
+
+
+# llama.cpp's gptneox GGUF: GPT-2's names without learned positions (its converter reorders the per-head
+# query_key_value into q rows, k rows, v rows: a plain split); attention biases only if the model has them
+NEOX_GGUF_TENSORS = tuple(replace(t, optional=True) if t.to in (("b_Q", "b_K", "b_V"), ("b_O",)) else t
+                          for t in GPT2_GGUF_TENSORS if t.to != ("W_pos",))
 
 
 def _llama_tensors(norm: str = "", post_norms: bool = False) -> tuple:
@@ -409,6 +492,28 @@ _ENTRIES = (
                       fixed=dict(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
                                  rope_local_base_freq=10000.0, tie_word_embeddings=True, sliding_window_pattern=6),
                       extra="gemma"),
+    ),
+    Arch(
+        name="GPTNeoXForCausalLM", model_types=("gpt_neox",), act=Key(("hidden_act",), "gelu", "str"),
+        sizes=dict(LLAMA_SIZES, n_kv_heads=Key((), same_as("n_heads")), d_head=Key((), head_size),
+                   norm_eps=Key(("layer_norm_eps",), 1e-5, "num0")),
+        flags=dict(norm="layernorm", gated_mlp=False, learned_pos=False, mlp_bias=True),
+        options=dict(parallel=Key(("use_parallel_residual",), True, "bool"),
+                     attn_bias=Key(("attention_bias",), True, "bool"), o_bias=Key(("attention_bias",), True, "bool")),
+        rope="neox", tensors=_neox_tensors(),
+        gguf=GGUFSpec("gptneox", dict(
+            hidden_size=("embedding_length", REQUIRED), num_hidden_layers=("block_count", REQUIRED),
+            num_attention_heads=("attention.head_count", REQUIRED), intermediate_size=("feed_forward_length", REQUIRED),
+            max_position_embeddings=("context_length", 2048), layer_norm_eps=("attention.layer_norm_epsilon", 1e-5),
+            rotary_emb_base=("rope.freq_base", 10000.0), use_parallel_residual=("use_parallel_residual", True)),
+            NEOX_GGUF_TENSORS, fixed=dict(hidden_act="gelu"), extra="gptneox"),
+    ),
+    Arch(
+        name="GPTJForCausalLM", model_types=("gptj",), act=Key(("activation_function",), "gelu_new", "str"),
+        sizes=dict(GPT2_SIZES, n_ctx=Key(("n_positions",), 2048)), rope="gptj", prefixes=("transformer.",),
+        flags=dict(norm="layernorm", gated_mlp=False, learned_pos=False, parallel=True, rope_interleaved=True,
+                   mlp_bias=True, unembed_bias=True),
+        tensors=_gptj_tensors(),  # llama.cpp's converter writes no GPT-J GGUF (see docs/ARCHITECTURE.md)
     ),
 )
 

@@ -33,12 +33,18 @@ class ModelConfig:
         norm: ``"layernorm"`` or ``"rmsnorm"``; norm_eps: epsilon.
         act: activation name (``"gelu_new"``, ``"silu"``, ``"gelu_pytorch_tanh"`` ...); gated_mlp: SwiGLU/GeGLU.
         learned_pos: GPT-2 position embeddings; rope: rotary embeddings.
-        rope_inv_freq: (n_tables, dh/2) float32 inverse frequencies; rope_mscale: (n_tables,) cos/sin scale.
+        rope_dim: rotated dims at the start of each head (0 = all dh; GPT-NeoX: int(dh * rotary_pct), GPT-J:
+            rotary_dim); rope_interleaved: rotary pairs (2i, 2i+1) (GPT-J) instead of rotate-half (i, i + r/2).
+        rope_inv_freq: (n_tables, r/2) float32 inverse frequencies (r = rope_dim or dh); rope_mscale:
+            (n_tables,) cos/sin scale.
         layer_window: (L,) sliding-window size per layer, 0 = full attention; layer_rope: (L,) table index.
         qk_norm: per-head q/k RMSNorm; post_norms: Gemma's norms on sub-layer outputs.
+        parallel: parallel residual block ``x + attn(ln1(x)) + mlp(ln2(x))`` (GPT-NeoX with
+            use_parallel_residual, GPT-J with ln2 = ln1): both sub-blocks read resid_pre, no resid_mid.
         embed_scale: factor on token embeddings (Gemma: sqrt(d_model) in float32).
         attn_scale: factor on q.k scores; attn_softcap / final_softcap: 0 = none.
-        tied: unembedding shares the token-embedding matrix.
+        tied: unembedding shares the token-embedding matrix; unembed_bias: the unembedding has a bias b_U
+            (GPT-J's lm_head).
         bos_token_id, eos_token_id: from the config, if any.
 
     Example:
@@ -65,10 +71,13 @@ class ModelConfig:
     rope: bool = True
     rope_inv_freq: np.ndarray | None = None
     rope_mscale: np.ndarray | None = None
+    rope_dim: int = 0
+    rope_interleaved: bool = False
     layer_window: list = field(default_factory=list)
     layer_rope: list = field(default_factory=list)
     qk_norm: bool = False
     post_norms: bool = False
+    parallel: bool = False
     embed_scale: float = 1.0
     attn_scale: float = 1.0
     attn_softcap: float = 0.0
@@ -77,6 +86,7 @@ class ModelConfig:
     attn_bias: bool = False      # q/k/v biases present
     o_bias: bool = False         # output projection bias
     mlp_bias: bool = False
+    unembed_bias: bool = False   # lm_head bias b_U (GPT-J)
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     raw: dict = field(default_factory=dict, repr=False)
@@ -97,6 +107,7 @@ class ModelConfig:
             attn_softcap=float(self.attn_softcap), final_softcap=float(self.final_softcap),
             layer_window=[int(x) for x in (self.layer_window or [0] * self.n_layers)],
             layer_rope=[int(x) for x in (self.layer_rope or [0] * self.n_layers)],
+            parallel=int(self.parallel), rope_dim=int(self.rope_dim), rope_interleaved=int(self.rope_interleaved),
         )
         if self.rope:
             d["rope_inv_freq"] = np.ascontiguousarray(self.rope_inv_freq, dtype=np.float32)

@@ -26,7 +26,7 @@ from . import archs as A
 from .stored import StoredWeight, TYPE_IDS, row_bytes
 
 # Buffers some safetensors checkpoints carry that are not weights.
-IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
+IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|attention\.bias|attention\.masked_bias|rotary_emb\.inv_freq)$")
 GGUF_IGNORED = re.compile(r"^rope_freqs\.weight$")
 
 
@@ -41,7 +41,7 @@ def canonical_shape(name: str, cfg) -> tuple:
     d, F, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
     qd, kvd = cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head
     shapes = {
-        "W_E": (V, d), "W_U": (V, d), "W_pos": (cfg.n_ctx, d), "ln_f_w": (d,), "ln_f_b": (d,),
+        "W_E": (V, d), "W_U": (V, d), "b_U": (V,), "W_pos": (cfg.n_ctx, d), "ln_f_w": (d,), "ln_f_b": (d,),
         "ln1_w": (d,), "ln1_b": (d,), "ln2_w": (d,), "ln2_b": (d,),
         "W_Q": (qd, d), "b_Q": (qd,), "W_K": (kvd, d), "b_K": (kvd,), "W_V": (kvd, d), "b_V": (kvd,),
         "q_norm_w": (cfg.d_head,), "k_norm_w": (cfg.d_head,), "W_O": (d, qd), "b_O": (d,),
@@ -66,6 +66,14 @@ def _split(t, shapes):
         out.append(_cut(t, r, r + s[0]))
         r += s[0]
     return out
+
+
+def _split_heads(t, cfg, shapes):
+    """A fused tensor laid out per head (GPT-NeoX's query_key_value: rows (H, len(shapes), dh)) cut into the
+    canonical pieces, each (H*dh, ...) head-major (a row permutation: works on a StoredWeight too)."""
+    idx = np.arange(_fused(shapes)[0]).reshape(cfg.n_heads, len(shapes), shapes[0][0] // cfg.n_heads)
+    return [t.take(idx[:, j].reshape(-1)) if isinstance(t, StoredWeight) else np.ascontiguousarray(t[idx[:, j].reshape(-1)])
+            for j in range(len(shapes))]
 
 
 def _fused(shapes):
@@ -95,6 +103,10 @@ TRANSFORMS = {
     # fused q/k/v (GPT-2's c_attn, GGUF's attn_qkv): rows q, then k, then v
     "split": (_fused, lambda t, cfg, shapes: _split(t, shapes)),
     "T_split": (lambda shapes: _fused(shapes)[::-1], lambda t, cfg, shapes: _split(_transpose(t), shapes)),
+    # fused q/k/v laid out per head (GPT-NeoX): head 0's q, k, v rows, then head 1's, ...
+    "split_heads": (_fused, _split_heads),
+    # one stored tensor serving two canonical ones (GPT-J's ln_1 is the norm before attention and MLP)
+    "dup": (lambda shapes: shapes[0], lambda t, cfg, shapes: [t] * len(shapes)),
     # Gemma3RMSNorm multiplies by (1 + w), computed in float32
     "norm1p": (lambda shapes: shapes[0], lambda t, cfg, shapes: [(_ONE + t).astype(np.float32)]),
     # GGUF stores Gemma's norms as 1 + w; transformers loads w - 1 and computes 1 + w (float32)

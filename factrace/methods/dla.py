@@ -4,7 +4,8 @@ SUBJECT / RELATION / END / OTHER, head classes and the four mechanisms of Chught
 
 * :func:`dla` -- embeddings (token, and learned positions for GPT-2), every head split exactly into one
   term per source position, each layer's attention output bias ``b_O`` (it belongs to no head and no
-  source: its own row), every MLP (its output bias ``b_down`` as its own row) and the final norm's bias.
+  source: its own row), every MLP (its output bias ``b_down`` as its own row), the final norm's bias and
+  the unembedding's bias (GPT-J's lm_head).
   The final norm's scale of the clean run is frozen (LayerNorm: after centering), so the parts add up to
   the clean logit (or logit difference) to float32 rounding.
 * :func:`dla_dataset` -- the four mechanisms (subject heads, relation heads, mixed heads, MLP boosting)
@@ -177,7 +178,7 @@ class DLAResult:
         heads (L, H): head_source summed over sources; attn_bias (L,): b_O of each layer;
         mlp (L,): each MLP's output without its bias b_down; mlp_bias (L,): b_down;
         embed: token embedding; pos: learned position embedding (GPT-2, else 0); final_bias: the final
-        LayerNorm's bias (else 0).
+        LayerNorm's bias (else 0); unembed_bias: the unembedding's bias b_U (GPT-J's lm_head, else 0).
     Scalars: ``logit`` the clean target logit (or logit difference), ``total`` the sum of all parts.
     Labels: ``tokens`` (T,), ``groups`` (T,) from ``GROUPS``, ``subject`` span, ``target`` label.
     """
@@ -200,6 +201,7 @@ class DLAResult:
     final_bias: float
     n_layers: int = 0
     n_heads: int = 0
+    unembed_bias: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -211,7 +213,7 @@ class DLAResult:
     def total(self) -> float:
         """Sum of every part: equals ``logit`` to float32 rounding."""
         return float(self.heads.sum() + self.attn_bias.sum() + self.mlp.sum() + self.mlp_bias.sum()
-                     + self.embed + self.pos + self.final_bias)
+                     + self.embed + self.pos + self.final_bias + self.unembed_bias)
 
     @property
     def head_groups(self) -> np.ndarray:
@@ -237,7 +239,8 @@ class DLAResult:
 
         Keys: ``subject_heads``, ``relation_heads``, ``mixed_heads`` (full DLA of the heads of each class),
         ``mlp_boosting`` (all MLPs' DLA at END, biases excluded), ``other_heads`` (every other head),
-        ``direct`` (embeddings, b_O, b_down and the final-norm bias); they sum to ``total`` (== ``logit``),
+        ``direct`` (embeddings, b_O, b_down, the final-norm and unembedding biases); they sum to ``total``
+        (== ``logit``),
         also reported, with ``n_subject_heads`` etc.
         """
         cls = self.classify(min_frac, share, mixed_share)
@@ -247,7 +250,8 @@ class DLAResult:
                "mixed_heads": float(h[cls == "mixed"].sum()),
                "mlp_boosting": float(self.mlp.sum()),
                "other_heads": float(h[(cls == "other") | (cls == "")].sum()),
-               "direct": float(self.embed + self.pos + self.final_bias + self.attn_bias.sum() + self.mlp_bias.sum())}
+               "direct": float(self.embed + self.pos + self.final_bias + self.unembed_bias + self.attn_bias.sum()
+                               + self.mlp_bias.sum())}
         out["total"] = float(sum(out[k] for k in MECHANISMS))
         out["logit"] = self.logit
         for k in ("subject", "relation", "mixed"):
@@ -257,7 +261,7 @@ class DLAResult:
     # -- frames --------------------------------------------------------------------------------
     def frame(self):
         """Tidy ``pandas.DataFrame``, one row per part: columns ``component`` (embed, pos, head, attn_bias,
-        mlp, mlp_bias, final_bias), ``layer``, ``head``, ``source_pos``, ``source_token``, ``group``,
+        mlp, mlp_bias, final_bias, and unembed_bias when the model has one), ``layer``, ``head``, ``source_pos``, ``source_token``, ``group``,
         ``value``. Head rows are one per (layer, head, source position <= query). Missing ints are <NA>."""
         pd = _pd()
         L, H, T = self.head_source.shape
@@ -271,7 +275,7 @@ class DLAResult:
         for comp, arr in (("attn_bias", self.attn_bias), ("mlp", self.mlp), ("mlp_bias", self.mlp_bias)):
             for l in range(L):
                 rows.append({"component": comp, "layer": l, "value": float(arr[l])})
-        for comp in ("embed", "pos", "final_bias"):
+        for comp in ("embed", "pos", "final_bias") + (("unembed_bias",) if self.unembed_bias else ()):
             rows.append({"component": comp, "value": float(getattr(self, comp))})
         rest = pd.DataFrame(rows)
         df = pd.concat([heads, rest], ignore_index=True)
@@ -383,6 +387,8 @@ def _dla_from_run(m, r, prompt, target, subject, relation, prompt_text=None):
         u = u - u.mean()
         if m.W("ln_f_b") is not None:
             final_bias = float(m.W("ln_f_b").astype(np.float64) @ u0)
+    b_U = m.W("b_U")
+    unembed_bias = _target_value(b_U, pos_ids, neg_ids) if b_U is not None else 0.0
     hs = head_source_project(m, r, u[None, :], [q])[0]
     attn_bias = np.array([m.b_O(l).astype(np.float64) @ u for l in range(L)])
     mlp_bias = np.zeros(L)
@@ -406,7 +412,7 @@ def _dla_from_run(m, r, prompt, target, subject, relation, prompt_text=None):
         prompt=prompt_text, ids=np.asarray(r.ids), tokens=_tokens(m, r.ids), position=q, target=label,
         target_ids=(tuple(pos_ids), tuple(neg_ids)), logit=_target_value(r.logits[-1], pos_ids, neg_ids),
         groups=groups, subject=span, head_source=hs, attn_bias=attn_bias, mlp=mlp, mlp_bias=mlp_bias,
-        embed=float(e @ u), pos=pos, final_bias=final_bias, n_layers=L, n_heads=H,
+        embed=float(e @ u), pos=pos, final_bias=final_bias, n_layers=L, n_heads=H, unembed_bias=unembed_bias,
         extra={"final_scale": rs, "direction": u})
 
 
@@ -428,8 +434,9 @@ def dla(m, prompt, target=None, subject=None, relation=None, position: int = -1)
     Returns: a :class:`DLAResult` over the prompt cut after ``position`` (later tokens cannot affect it;
     the run computes only that row's logits). The final norm's scale is frozen at the clean run's value at
     ``position``: RMSNorm parts contribute ``c * rs * w . W_U[t]``, LayerNorm parts ``(c - mean(c)) * rs *
-    w . W_U[t]`` and the final bias ``b . W_U[t]``. The parts add up to the clean logit (difference) to
-    float32 rounding. Raises ValueError for models with final logit softcapping (not linear).
+    w . W_U[t]``, the final bias ``b . W_U[t]`` and an unembedding bias (GPT-J) ``b_U[t]``. The parts add
+    up to the clean logit (difference) to float32 rounding. Raises ValueError for models with final logit
+    softcapping (not linear).
 
     Example:
         >>> res = factrace.dla(m, "Fact: The Colosseum is in the country of", (" Italy", " France"),

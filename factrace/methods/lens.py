@@ -124,7 +124,8 @@ def logit_lens(m, prompt, target=None, k: int = 5, positions=None, project_on: s
             outputs projected without the final norm.
 
     Every residual (embeddings, then each block's output) is passed through the final norm computed on
-    THAT residual (its own scale), then the unembedding (and final softcapping, if the model has it);
+    THAT residual (its own scale), then the unembedding (with its bias, GPT-J; and final softcapping, if
+    the model has it);
     probabilities are a float64 softmax over the full vocabulary. The last row reproduces the model's logits.
 
     Example:
@@ -144,6 +145,8 @@ def _lens_from_run(m, r, text, target, k, positions, project_on):
     states = np.concatenate([r.resid_pre, r.resid_final[None]], 0)[:, pos]  # (R, P, d)
     R, P, d = states.shape
     logits = m.project(_final_norm(m, states.reshape(-1, d)), "W_U")
+    if m.W("b_U") is not None:  # GPT-J's lm_head bias
+        logits = logits + m.W("b_U")
     if c.final_softcap and c.final_softcap > 0:
         logits = (c.final_softcap * np.tanh(logits.astype(np.float64) / c.final_softcap)).astype(np.float32)
     logits = logits.reshape(R, P, -1)

@@ -188,7 +188,7 @@ class _Tracer:
         vals = self.noised_embeddings(nz).reshape(-1, d)
         rows = (np.arange(S)[:, None] * T + np.arange(self.b, self.e)[None]).reshape(-1).astype(np.int64)
         n = len(rows)
-        cap = {k: np.empty((L, N, d), np.float32) for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out")}
+        cap = {k: np.empty((L, N, d), np.float32) for k in ("resid_pre", "attn_out", "mlp_out")}
         cap["resid_final"] = np.empty((N, d), np.float32)
         cap["k_cache"] = np.empty((L, N, self.kvd), np.float32)
         cap["v_cache"] = np.empty((L, N, self.kvd), np.float32)
@@ -228,7 +228,9 @@ class _Tracer:
         layer, value)]`` applied to row t. ``inputs`` (R, d) replaces the corrupted input rows (the same
         stacked layout: for each t, for each s, rows t .. T-1).
         Returns (len(positions),) mean answer probabilities, or with ``end_layer < L`` the output rows
-        (R, d), and with ``capture_mid`` also block ``start_layer``'s resid_mid rows (R, d)."""
+        (R, d), and with ``capture_mid`` also block ``start_layer``'s resid_mid rows (R, d): its input plus
+        its attention output, the very float32 sum the C core forms (for a parallel block, which has no
+        resid_mid, the sum its MLP output is added to)."""
         S, T, L = self.S, self.T, self.L
         end_layer = L if end_layer is None else end_layer
         cor = self.corrupt[base]
@@ -258,7 +260,7 @@ class _Tracer:
             out = np.empty((row, self.d), np.float32)
             cap, lrows = {"resid_final": out}, None
             if capture_mid:
-                cap["resid_mid"] = np.empty((L, row, self.d), np.float32)
+                cap["attn_out"] = np.empty((L, row, self.d), np.float32)
         else:
             out = np.empty(len(last), np.float64)
             cap, lrows = {"target_prob": out}, np.array(last, np.int64)
@@ -267,7 +269,7 @@ class _Tracer:
                              seq_starts=np.array(starts, np.int32), prefix_k=cor["k_cache"], prefix_v=cor["v_cache"],
                              prefix_rows=np.array(prows, np.int64), capture=cap, logit_rows=lrows, **kw)
         if end_layer < L:
-            return (out, cap["resid_mid"][start_layer]) if capture_mid else out
+            return (out, x_in + cap["attn_out"][start_layer]) if capture_mid else out
         return out.reshape(len(positions), S).mean(1)
 
     def empty_scores(self) -> np.ndarray:
@@ -320,8 +322,9 @@ class _Tracer:
         top of _restore:
         (1) entry: restoring block lo's output at row t changes only row t in block lo (the later rows'
             keys, values and queries there come from unchanged inputs), so every run starts at lo + 1
-            with row t's block-lo output precomputed (MLP: corrupted resid_mid + clean mlp_out; attention:
-            a one-row step, _row_step);
+            with row t's block-lo output precomputed (MLP: corrupted resid_mid + clean mlp_out, resid_mid
+            being resid_pre + attn_out as the C core adds them, also for parallel blocks, which have no
+            resid_mid of their own; attention: a one-row step, _row_step);
         (2) a trunk: the cells whose window starts at layer 0 share their restored layers. The trunk
             advances with restorations; where a group of cells' windows end at layer h they branch off
             and run to the logits unrestored, and the trunk's block h is taken from the branch's (it
@@ -341,8 +344,8 @@ class _Tracer:
         def block_out_row_t(lo, x_t):
             """(n_t, S, d) row t's output of block lo with the kind's output restored; x_t its inputs."""
             if kind == "mlp":
-                mid = cor["resid_mid"][lo].reshape(S, T, d)[:, ts].transpose(1, 0, 2)  # (n_t, S, d)
-                return mid + clean[lo, ts][:, None]                                   # float32 add as in C
+                pre, att = (cor[k][lo].reshape(S, T, d)[:, ts].transpose(1, 0, 2) for k in ("resid_pre", "attn_out"))
+                return (pre + att) + clean[lo, ts][:, None]  # (n_t, S, d): the float32 adds of C
             return self._row_step(lo, x_t, clean[lo, ts])
 
         def corrupted_row_t(layer):
