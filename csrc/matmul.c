@@ -463,9 +463,12 @@ T512 static void dot_tile_512(const float *const *w, int nr, const float *x, int
 }
 
 /* out[c*ldo + k] += sum_{r < NR} g[c*ldg + r] * w[r][k] for c < NC (<= 4), k < K */
-INLINE T512 void axpy_block_512(const float *const *w, const int NR, const float *g, int64_t ldg, const int NC,
+INLINE T512 void axpy_block_512(const float *const *w_, const int NR, const float *g, int64_t ldg, const int NC,
                                  int64_t K, float *out, int64_t ldo) {
     __m512 gv[4][4], wv[4];
+    const float *w[4]; /* a local copy: the stores to out could alias w_ */
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; r++) w[r] = w_[r];
     #pragma GCC unroll 8
     for (int c = 0; c < NC; c++)
         #pragma GCC unroll 8
@@ -648,9 +651,12 @@ T256 static void dot_tile_256(const float *const *w, int nr, const float *x, int
 }
 
 /* out[c*ldo + k] += sum_{r < NR} g[c*ldg + r] * w[r][k] for c < NC (<= 2), k < K */
-INLINE T256 void axpy_block_256(const float *const *w, const int NR, const float *g, int64_t ldg, const int NC,
+INLINE T256 void axpy_block_256(const float *const *w_, const int NR, const float *g, int64_t ldg, const int NC,
                                  int64_t K, float *out, int64_t ldo) {
     __m256 gv[2][4], wv[4];
+    const float *w[4]; /* a local copy: the stores to out could alias w_ */
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; r++) w[r] = w_[r];
     #pragma GCC unroll 8
     for (int c = 0; c < NC; c++)
         #pragma GCC unroll 8
@@ -782,7 +788,9 @@ int64_t mat_crossover(int type, int transposed) {
     }
 }
 
+#ifndef PANEL_BYTES
 #define PANEL_BYTES (384 * 1024) /* float32 weight panel of the many-rows regime: fits L2 with room */
+#endif
 
 static int f32_in_place(const Mat *W) { return W->type == T_F32 && (uintptr_t)W->data % sizeof(float) == 0; }
 static const uint8_t *row_ptr(const Mat *W, int64_t r) { return W->data + r * W->row_bytes; }
@@ -806,6 +814,8 @@ typedef struct {
     int64_t step;      /* rows (mat_mul) or columns (mat_mul_t) per panel */
     float *scratch;    /* per thread: `per` floats */
     int64_t per;
+    float *parts;      /* mat_mul_t few rows: n_parts partial sums (N, n_in) */
+    int64_t n_parts;
 } Job;
 
 static float *thread_buf(const Job *j, int tid) { return j->scratch ? j->scratch + tid * j->per : NULL; }
@@ -857,29 +867,42 @@ static void many_range(void *ctx, int64_t lo, int64_t hi, int tid) {
     for (int64_t a = lo; a < hi; a += j->step) many_panel(j, a, min64(hi, a + j->step), thread_buf(j, tid));
 }
 
-/* few rows, transposed, columns lo..hi-1 (block multiples): out[:, lo:hi] = g @ W[:, lo:hi] */
-static void few_t_panel(const Job *j, int64_t lo, int64_t hi, float *buf /* (TILE_ROWS, step) */) {
+/* few rows, transposed: each chunk of `step` rows of W adds g[:, rows] @ W[rows] into its own partial sum
+ * (chunk 0: out itself; chunk c: parts + (c-1) N K), summed in chunk order afterwards: the result does not
+ * depend on which thread ran which chunk */
+static void few_t_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const Job *j = ctx;
     const Mat *W = j->W;
-    int64_t kc = hi - lo, ldo = W->n_in, n_out = W->n_out;
-    for (int64_t n = 0; n < j->N; n++) memset(j->out + n * ldo + lo, 0, sizeof(float) * (size_t)kc);
-    for (int64_t o = 0; o < n_out; o += TILE_ROWS) {
-        int nr = (int)min64(TILE_ROWS, n_out - o);
-        const float *w[TILE_ROWS] = {NULL};
-        for (int r = 0; r < nr; r++) {
-            if (f32_in_place(W)) {
-                w[r] = (const float *)row_ptr(W, o + r) + lo;
-            } else {
-                j->isa->dequant(W->type, row_ptr(W, o + r), lo, hi, buf + r * kc);
-                w[r] = buf + r * kc;
+    int64_t K = W->n_in, n_out = W->n_out;
+    float *buf = thread_buf(j, tid); /* (TILE_ROWS, K) unless F32 in place */
+    for (int64_t a = lo; a < hi; a += j->step) {
+        int64_t c = a / j->step, b = min64(hi, a + j->step);
+        float *acc = c ? j->parts + (c - 1) * j->N * K : j->out; /* (N, K) */
+        memset(acc, 0, sizeof(float) * (size_t)(j->N * K));
+        for (int64_t o = a; o < b; o += TILE_ROWS) {
+            int nr = (int)min64(TILE_ROWS, b - o);
+            const float *w[TILE_ROWS] = {NULL};
+            for (int r = 0; r < nr; r++) {
+                if (f32_in_place(W)) {
+                    w[r] = (const float *)row_ptr(W, o + r);
+                } else {
+                    j->isa->dequant(W->type, row_ptr(W, o + r), 0, K, buf + r * K);
+                    w[r] = buf + r * K;
+                }
             }
+            j->isa->axpy_tile(w, nr, j->x + o, n_out, j->N, K, acc, K);
         }
-        j->isa->axpy_tile(w, nr, j->x + o, n_out, j->N, kc, j->out + lo, ldo);
     }
 }
 
-static void few_t_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+/* out[i] += parts[0][i] + parts[1][i] + ... (in that order) for i in lo..hi-1 */
+static void sum_parts_range(void *ctx, int64_t lo, int64_t hi, int tid) {
     const Job *j = ctx;
-    for (int64_t a = lo; a < hi; a += j->step) few_t_panel(j, a, min64(hi, a + j->step), thread_buf(j, tid));
+    int64_t size = j->N * j->W->n_in;
+    for (int64_t c = 0; c < j->n_parts; c++) {
+        const float *p = j->parts + c * size;
+        for (int64_t i = lo; i < hi; i++) j->out[i] += p[i];
+    }
 }
 
 /* many rows, transposed, columns lo..hi-1: out[:, lo:hi] = sum over row blocks of g[:, o0:o1] @ W[o0:o1, lo:hi] */
@@ -966,9 +989,18 @@ int mat_mul_t_path(Pool *pool, float *out, const float *g, int64_t N, const Mat 
         int64_t rows = max64(16, PANEL_BYTES / (4 * kc));
         return run(pool, &j, kc, f32_in_place(W) ? 0 : rows * kc, K, many_t_range);
     }
-    /* column chunks: about 4 per thread, at most 256 wide, block multiples */
-    int64_t kc = round_up(min64(256, max64(16, K / (4 * threads))), bs);
-    return run(pool, &j, kc, f32_in_place(W) ? 0 : TILE_ROWS * kc, K, few_t_range);
+    /* chunks of rows, each summed into its own (N, K) partial: about 3 per thread while the partials
+     * stay under half the weight bytes (they are written and summed once), at least one per thread */
+    int64_t tiles = (n_out + TILE_ROWS - 1) / TILE_ROWS;
+    int64_t chunks = min64(tiles, max64(threads, min64(3 * threads, n_out * rb / 2 / (4 * N * K) + 1)));
+    int64_t step = (tiles + chunks - 1) / chunks * TILE_ROWS;
+    chunks = (n_out + step - 1) / step;
+    j.n_parts = chunks - 1;
+    if (j.n_parts && !(j.parts = malloc(sizeof(float) * (size_t)(j.n_parts * N * K)))) return -1;
+    int rc = run(pool, &j, step, f32_in_place(W) ? 0 : TILE_ROWS * K, n_out, few_t_range);
+    if (rc == 0 && j.n_parts) pool_for(pool, N * K, max64(4096, N * K / (4 * threads)), sum_parts_range, &j);
+    free(j.parts);
+    return rc;
 }
 
 int mat_mul_t(Pool *pool, float *out, const float *g, int64_t N, const Mat *W) {
