@@ -28,7 +28,7 @@
 #include "blas.h"
 #include "quant.h"
 
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(FACTRACE_NO_SIMD)
 #define MATMUL_X86 1
 #include <immintrin.h>
 #endif
