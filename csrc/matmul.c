@@ -129,13 +129,12 @@ static void axpy_tile_base(const float *const *w, int nr, const float *g, int64_
 /* ------------------------------------------------------------------------------------------ */
 /* 3. x86: block decoders (AVX2 integer ops, shared by both SIMD variants)                     */
 
-/* Each decoder turns one block x into its integers q (block_size of them, each fits int8), the float32
- * scale dl and offset ml of every group of 16 values (the same float32 operations as quant.c), and
- * returns how they combine (DQ_*). */
+/* A GGML block decodes in two parts: block_scales gives the float32 scale dl and offset ml of each group
+ * of 16 values (the same float32 operations as quant.c), block_q32 the small integers q of values
+ * 32s .. 32s+31; they combine as block_op says (DQ_*). With a constant type (and s) everything folds. */
 
 INLINE T256 __m128i load16(const uint8_t *p) { return _mm_loadu_si128((const __m128i *)p); }
 INLINE T256 __m256i load32(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
-INLINE T256 void store32(int8_t *q, __m256i v) { _mm256_storeu_si256((__m256i *)q, v); }
 INLINE T256 __m256i bytes(int v) { return _mm256_set1_epi8((char)v); }
 /* 32 bytes (b >> s) & m (a 16-bit shift; the mask drops the bits from the neighbour byte) */
 INLINE T256 __m256i field(__m256i b, int s, int m) { return _mm256_and_si256(_mm256_srli_epi16(b, s), bytes(m)); }
@@ -157,8 +156,7 @@ INLINE T256 __m256i high_bits(uint32_t qh) {
  * that use it would do anyway, so the dequantized values keep quant.c's bits) */
 INLINE T256 float h2f(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
 
-/* block size and bytes of a GGML block type (constants once inlined with a constant type) */
-INLINE int block_size(int type) { return type >= 10 ? 256 : 32; }
+INLINE int block_size(int type) { return type >= 10 && type <= 14 ? 256 : 32; } /* F16/BF16: groups of 32 */
 INLINE int block_bytes(int type) {
     switch (type) {
     case 2: return 18;
@@ -170,85 +168,11 @@ INLINE int block_bytes(int type) {
     case 11: return 110;
     case 12: return 144;
     case 13: return 176;
-    default: return 210;
+    case 14: return 210;
+    default: return 64; /* 32 F16/BF16 values */
     }
 }
-
-/* Q4_0 (18 B): d | qs[16]; q = nibble - 8 (low nibbles first), y = d * q */
-INLINE T256 int decode_q4_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    store32(q, _mm256_sub_epi8(nibbles(load16(x + 2)), bytes(8)));
-    dl[0] = dl[1] = h2f(x);
-    return DQ_MUL;
-}
-
-/* Q4_1 (20 B): d | m | qs[16]; y = (d * q) + m */
-INLINE T256 int decode_q4_1(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    store32(q, nibbles(load16(x + 4)));
-    dl[0] = dl[1] = h2f(x);
-    ml[0] = ml[1] = h2f(x + 2);
-    return DQ_ADD;
-}
-
-/* Q5_0 (22 B): d | qh u32 (bit i: high bit of value i) | qs[16]; y = d * (q - 16) */
-INLINE T256 int decode_q5_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    __m256i v = _mm256_or_si256(nibbles(load16(x + 6)), high_bits(rd32(x + 2)));
-    store32(q, _mm256_sub_epi8(v, bytes(16)));
-    dl[0] = dl[1] = h2f(x);
-    return DQ_MUL;
-}
-
-/* Q5_1 (24 B): d | m | qh u32 | qs[16]; y = (d * q) + m */
-INLINE T256 int decode_q5_1(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    store32(q, _mm256_or_si256(nibbles(load16(x + 8)), high_bits(rd32(x + 4))));
-    dl[0] = dl[1] = h2f(x);
-    ml[0] = ml[1] = h2f(x + 2);
-    return DQ_ADD;
-}
-
-/* Q8_0 (34 B): d | qs int8[32]; y = q * d */
-INLINE T256 int decode_q8_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    store32(q, load32(x + 2));
-    dl[0] = dl[1] = h2f(x);
-    return DQ_MUL;
-}
-
-/* Q2_K (84 B): scales[16] (lo 4 bits scale, hi 4 bits min) | qs[64] | d | dmin.
- * Value j*128 + s*32 + l: q = (qs[j*32+l] >> 2s) & 3; group g = value/16: y = (d*sc_g) * q - (dmin*m_g) */
-INLINE T256 int decode_q2_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    const uint8_t *sc = x;
-    float d = h2f(x + 80), dmin = h2f(x + 82);
-    for (int g = 0; g < 16; g++) {
-        dl[g] = d * (float)(sc[g] & 15);
-        ml[g] = dmin * (float)(sc[g] >> 4);
-    }
-    for (int j = 0; j < 2; j++) {
-        __m256i b = load32(x + 16 + j * 32);
-        for (int s = 0; s < 4; s++) store32(q + j * 128 + s * 32, field(b, 2 * s, 3));
-    }
-    return DQ_SUB;
-}
-
-/* Q3_K (110 B): hmask[32] | qs[64] | scales[12] (16 x 6 bits) | d.
- * Value j*128 + s*32 + l: q = ((qs[j*32+l] >> 2s) & 3) - (bit j*4+s of hmask[l] ? 0 : 4),
- * y = (d * (sc_g - 32)) * q */
-INLINE T256 int decode_q3_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    const uint8_t *sc = x + 96;
-    float d = h2f(x + 108);
-    for (int i = 0; i < 16; i++) {
-        int lo = (sc[i % 8] >> (4 * (i / 8))) & 15;
-        int hi = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
-        dl[i] = d * (float)((lo | (hi << 4)) - 32);
-    }
-    __m256i hm = load32(x);
-    for (int j = 0; j < 2; j++) {
-        __m256i b = load32(x + 32 + j * 32);
-        for (int s = 0; s < 4; s++) {
-            __m256i clear = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bytes(1 << (j * 4 + s))), _mm256_setzero_si256());
-            store32(q + j * 128 + s * 32, _mm256_sub_epi8(field(b, 2 * s, 3), _mm256_and_si256(clear, bytes(4))));
-        }
-    }
-    return DQ_MUL;
-}
+INLINE int block_op(int type) { return type == 3 || type == 7 ? DQ_ADD : type == 10 || type == 12 || type == 13 ? DQ_SUB : DQ_MUL; }
 
 /* 8 x 6-bit scales and mins of Q4_K / Q5_K from 12 packed bytes */
 INLINE void scale_min_k4(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
@@ -260,71 +184,87 @@ INLINE void scale_min_k4(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
     }
 }
 
-/* scales of Q4_K / Q5_K: groups of 32 -> dl, ml per 16 */
-INLINE T256 void scales_k4(const uint8_t *x, float *dl, float *ml) {
-    float d = h2f(x), dmin = h2f(x + 2);
-    uint8_t sc[8], mn[8];
-    scale_min_k4(x + 4, sc, mn);
-    for (int g = 0; g < 8; g++) {
-        dl[2 * g] = dl[2 * g + 1] = d * (float)sc[g];
-        ml[2 * g] = ml[2 * g + 1] = dmin * (float)mn[g];
-    }
-}
-
-/* Q4_K (144 B): d | dmin | scales[12] | qs[128]. Value g*32 + l: q = (qs[(g/2)*32+l] >> 4(g%2)) & 15,
- * y = (d*sc_g) * q - (dmin*m_g) */
-INLINE T256 int decode_q4_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    scales_k4(x, dl, ml);
-    for (int j = 0; j < 4; j++) {
-        __m256i b = load32(x + 16 + j * 32);
-        store32(q + j * 64, field(b, 0, 15));
-        store32(q + j * 64 + 32, field(b, 4, 15));
-    }
-    return DQ_SUB;
-}
-
-/* Q5_K (176 B): d | dmin | scales[12] | qh[32] | qs[128]; as Q4_K with q |= ((qh[l] >> g) & 1) << 4 */
-INLINE T256 int decode_q5_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    scales_k4(x, dl, ml);
-    __m256i qh = load32(x + 16);
-    for (int j = 0; j < 4; j++) {
-        __m256i b = load32(x + 48 + j * 32);
-        __m256i h0 = _mm256_slli_epi16(field(qh, 2 * j, 1), 4), h1 = _mm256_slli_epi16(field(qh, 2 * j + 1, 1), 4);
-        store32(q + j * 64, _mm256_or_si256(field(b, 0, 15), h0));
-        store32(q + j * 64 + 32, _mm256_or_si256(field(b, 4, 15), h1));
-    }
-    return DQ_SUB;
-}
-
-/* Q6_K (210 B): ql[128] | qh[64] | scales int8[16] | d. Value j*128 + t*32 + l:
- * q = ((ql[j*64 + (t%2)*32 + l] >> 4(t/2)) & 15 | ((qh[j*32+l] >> 2t) & 3) << 4) - 32, y = (d*sc_g) * q */
-INLINE T256 int decode_q6_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    const int8_t *sc = (const int8_t *)(x + 192);
-    float d = h2f(x + 208);
-    for (int i = 0; i < 16; i++) dl[i] = d * (float)sc[i];
-    for (int j = 0; j < 2; j++) {
-        __m256i h = load32(x + 128 + j * 32);
-        for (int t = 0; t < 4; t++) {
-            __m256i lo = field(load32(x + j * 64 + (t % 2) * 32), 4 * (t / 2), 15);
-            __m256i hi = _mm256_slli_epi16(field(h, 2 * t, 3), 4);
-            store32(q + j * 128 + t * 32, _mm256_sub_epi8(_mm256_or_si256(lo, hi), bytes(32)));
-        }
-    }
-    return DQ_MUL;
-}
-
-INLINE T256 int decode_block(int type, const uint8_t *x, int8_t *q, float *dl, float *ml) {
+/* dl[g], ml[g]: scale and offset of values 16g .. 16g+15 of block x (F16, BF16: none) */
+INLINE T256 void block_scales(const int type, const uint8_t *x, float *dl, float *ml) {
     switch (type) {
-    case 2: return decode_q4_0(x, q, dl, ml);
-    case 3: return decode_q4_1(x, q, dl, ml);
-    case 6: return decode_q5_0(x, q, dl, ml);
-    case 7: return decode_q5_1(x, q, dl, ml);
-    case 8: return decode_q8_0(x, q, dl, ml);
-    case 10: return decode_q2_k(x, q, dl, ml);
-    case 11: return decode_q3_k(x, q, dl, ml);
-    case 12: return decode_q4_k(x, q, dl, ml);
-    case 13: return decode_q5_k(x, q, dl, ml);
-    default: return decode_q6_k(x, q, dl, ml);
+    case T_F16: case T_BF16:
+        break;
+    case 2: case 6: case 8: /* Q4_0, Q5_0, Q8_0: d first; y = d * q */
+        dl[0] = dl[1] = h2f(x);
+        break;
+    case 3: case 7: /* Q4_1, Q5_1: d | m first; y = (d * q) + m */
+        dl[0] = dl[1] = h2f(x);
+        ml[0] = ml[1] = h2f(x + 2);
+        break;
+    case 10: { /* Q2_K: scales[16] (lo 4 bits scale, hi 4 bits min) at 0, d at 80, dmin at 82 */
+        float d = h2f(x + 80), dmin = h2f(x + 82);
+        for (int g = 0; g < 16; g++) {
+            dl[g] = d * (float)(x[g] & 15);
+            ml[g] = dmin * (float)(x[g] >> 4);
+        }
+        break;
+    }
+    case 11: { /* Q3_K: 16 x 6-bit scales packed in 12 bytes at 96, d at 108; dl = d * (sc - 32) */
+        const uint8_t *sc = x + 96;
+        float d = h2f(x + 108);
+        for (int i = 0; i < 16; i++) {
+            int lo = (sc[i % 8] >> (4 * (i / 8))) & 15;
+            int hi = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+            dl[i] = d * (float)((lo | (hi << 4)) - 32);
+        }
+        break;
+    }
+    case 12: case 13: { /* Q4_K, Q5_K: d, dmin, 12 bytes of 6-bit scales and mins, one per 32 values */
+        float d = h2f(x), dmin = h2f(x + 2);
+        uint8_t sc[8], mn[8];
+        scale_min_k4(x + 4, sc, mn);
+        for (int g = 0; g < 8; g++) {
+            dl[2 * g] = dl[2 * g + 1] = d * (float)sc[g];
+            ml[2 * g] = ml[2 * g + 1] = dmin * (float)mn[g];
+        }
+        break;
+    }
+    case 14: { /* Q6_K: int8 scales[16] at 192, d at 208 */
+        float d = h2f(x + 208);
+        for (int i = 0; i < 16; i++) dl[i] = d * (float)(int8_t)x[192 + i];
+    }
+    }
+}
+
+/* q of values 32s .. 32s+31 of block x */
+INLINE T256 __m256i block_q32(const int type, const uint8_t *x, const int s) {
+    switch (type) {
+    case 2: /* Q4_0 (18 B): d | qs[16]; q = nibble - 8, low nibbles first */
+        return _mm256_sub_epi8(nibbles(load16(x + 2)), bytes(8));
+    case 3: /* Q4_1 (20 B): d | m | qs[16] */
+        return nibbles(load16(x + 4));
+    case 6: /* Q5_0 (22 B): d | qh u32 (bit i: high bit of value i) | qs[16]; q = (nibble | high << 4) - 16 */
+        return _mm256_sub_epi8(_mm256_or_si256(nibbles(load16(x + 6)), high_bits(rd32(x + 2))), bytes(16));
+    case 7: /* Q5_1 (24 B): d | m | qh u32 | qs[16] */
+        return _mm256_or_si256(nibbles(load16(x + 8)), high_bits(rd32(x + 4)));
+    case 8: /* Q8_0 (34 B): d | qs int8[32] */
+        return load32(x + 2);
+    case 10: /* Q2_K (84 B): scales[16] | qs[64] | d | dmin. Value j*128 + s'*32 + l: (qs[j*32+l] >> 2s') & 3 */
+        return field(load32(x + 16 + (s / 4) * 32), 2 * (s % 4), 3);
+    case 11: { /* Q3_K (110 B): hmask[32] | qs[64] | scales[12] | d. Value j*128 + s'*32 + l:
+                * ((qs[j*32+l] >> 2s') & 3) - (bit j*4+s' of hmask[l] ? 0 : 4) */
+        __m256i hm = _mm256_and_si256(load32(x), bytes(1 << s));
+        __m256i clear = _mm256_cmpeq_epi8(hm, _mm256_setzero_si256());
+        return _mm256_sub_epi8(field(load32(x + 32 + (s / 4) * 32), 2 * (s % 4), 3), _mm256_and_si256(clear, bytes(4)));
+    }
+    case 12: /* Q4_K (144 B): d | dmin | scales[12] | qs[128]. Value 32s + l: (qs[(s/2)*32+l] >> 4(s%2)) & 15 */
+        return field(load32(x + 16 + (s / 2) * 32), 4 * (s % 2), 15);
+    case 13: /* Q5_K (176 B): d | dmin | scales[12] | qh[32] | qs[128]: as Q4_K | ((qh[l] >> s) & 1) << 4 */
+        return _mm256_or_si256(field(load32(x + 48 + (s / 2) * 32), 4 * (s % 2), 15),
+                               _mm256_slli_epi16(field(load32(x + 16), s, 1), 4));
+    case 14:
+    default: { /* Q6_K (210 B): ql[128] | qh[64] | scales[16] | d. Value j*128 + t*32 + l (s = 4j + t):
+                * ((ql[j*64 + (t%2)*32 + l] >> 4(t/2)) & 15 | ((qh[j*32+l] >> 2t) & 3) << 4) - 32 */
+        int j = s / 4, t = s % 4;
+        __m256i lo = field(load32(x + j * 64 + (t % 2) * 32), 4 * (t / 2), 15);
+        __m256i hi = _mm256_slli_epi16(field(load32(x + 128 + j * 32), 2 * t, 3), 4);
+        return _mm256_sub_epi8(_mm256_or_si256(lo, hi), bytes(32));
+    }
     }
 }
 
@@ -366,23 +306,44 @@ T512 static void bf16_row_512(const uint8_t *x, float *y, int64_t n) {
 }
 
 /* y (n, a multiple of 16) = combine(dl[i/16], q[i], ml[i/16]) */
-INLINE T512 void scale_512(const int8_t *q, const float *dl, const float *ml, const int op, const int n, float *y) {
-#pragma GCC unroll 16
-    for (int i = 0; i < n; i += 16) {
-        __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i))));
-        v = _mm512_mul_ps(_mm512_set1_ps(dl[i >> 4]), v);
-        if (op == DQ_ADD) v = _mm512_add_ps(v, _mm512_set1_ps(ml[i >> 4]));
-        if (op == DQ_SUB) v = _mm512_sub_ps(v, _mm512_set1_ps(ml[i >> 4]));
-        _mm512_storeu_ps(y + i, v);
+/* 16 int8 q -> (dl * q) (+ or - ml), the product rounded first */
+INLINE T512 __m512 scale16_512(__m128i q, const float *dl, const float *ml, const int op) {
+    __m512 v = _mm512_mul_ps(_mm512_set1_ps(*dl), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
+    if (op == DQ_ADD) v = _mm512_add_ps(v, _mm512_set1_ps(*ml));
+    if (op == DQ_SUB) v = _mm512_sub_ps(v, _mm512_set1_ps(*ml));
+    return v;
+}
+
+/* values 32s .. 32s+31 of one block x (or of 32 F16/BF16 values) -> w[0], w[1] */
+INLINE T512 void block_w32_512(const int type, const uint8_t *x, const int s, const float *dl, const float *ml,
+                                __m512 w[2]) {
+    if (type == T_F16) {
+        w[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)x));
+        w[1] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + 32)));
+    } else if (type == T_BF16) {
+        w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+        w[1] = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + 32))), 16));
+    } else {
+        __m256i q = block_q32(type, x, s);
+        w[0] = scale16_512(_mm256_castsi256_si128(q), dl + 2 * s, ml + 2 * s, block_op(type));
+        w[1] = scale16_512(_mm256_extracti128_si256(q, 1), dl + 2 * s + 1, ml + 2 * s + 1, block_op(type));
     }
 }
 
 /* nb blocks of `type` (a constant once inlined) -> y (nb * block_size) */
 INLINE T512 void blocks_512(const int type, const uint8_t *x, int64_t nb, float *y) {
-    int8_t q[256];
     float dl[16], ml[16];
-    for (int64_t b = 0; b < nb; b++, x += block_bytes(type), y += block_size(type))
-        scale_512(q, dl, ml, decode_block(type, x, q, dl, ml), block_size(type), y);
+    for (int64_t b = 0; b < nb; b++, x += block_bytes(type), y += block_size(type)) {
+        block_scales(type, x, dl, ml);
+#pragma GCC unroll 8
+        for (int s = 0; s < block_size(type) / 32; s++) {
+            __m512 w[2];
+            block_w32_512(type, x, s, dl, ml, w);
+            _mm512_storeu_ps(y + 32 * s, w[0]);
+            _mm512_storeu_ps(y + 32 * s + 16, w[1]);
+        }
+    }
 }
 
 T512 static void dequant_512(int type, const uint8_t *row, int64_t k0, int64_t k1, float *y) {
@@ -414,6 +375,17 @@ INLINE T512 __m256 half_512(__m512 a) {
     return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
 }
 
+/* out[c*ldo + r] = the sum of acc[c][r] (+ bias[r]) for c < NC, r < nr */
+INLINE T512 void store_sums_512(__m512 (*acc)[4], const int NC, int nr, float *out, int64_t ldo, const float *bias) {
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; c++) {
+        __mmask8 m = (__mmask8)((1u << nr) - 1);
+        __m128 sums = hsum4_256(half_512(acc[c][0]), half_512(acc[c][1]), half_512(acc[c][2]), half_512(acc[c][3]));
+        if (bias) sums = _mm_add_ps(sums, _mm_maskz_loadu_ps(m, bias));
+        _mm_mask_storeu_ps(out + c * ldo, m, sums);
+    }
+}
+
 /* out[c*ldo + r] = x[c] . w[r] (+ bias[r]) for c < NC (<= 6), r < nr; x rows K apart.
  * 4 x NC accumulators: per 16 values 4 + NC loads feed 4*NC FMAs. */
 INLINE T512 void dot_block_512(const float *const *w, int nr, const float *x, int64_t K, const int NC, float *out,
@@ -436,14 +408,7 @@ INLINE T512 void dot_block_512(const float *const *w, int nr, const float *x, in
             acc[c][3] = _mm512_fmadd_ps(w3, xv, acc[c][3]);
         }
     }
-    #pragma GCC unroll 8
-    for (int c = 0; c < NC; c++) {
-        float s[4];
-        _mm_storeu_ps(s, hsum4_256(half_512(acc[c][0]), half_512(acc[c][1]), half_512(acc[c][2]),
-                                   half_512(acc[c][3])));
-        #pragma GCC unroll 8
-        for (int r = 0; r < nr; r++) out[c * ldo + r] = bias ? s[r] + bias[r] : s[r];
-    }
+    store_sums_512(acc, NC, nr, out, ldo, bias);
 }
 
 T512 static void dot_tile_512(const float *const *w, int nr, const float *x, int64_t N, int64_t K, float *out,
@@ -461,6 +426,67 @@ T512 static void dot_tile_512(const float *const *w, int nr, const float *x, int
     default: break;
     }
 }
+
+/* out[c*ldo + r] = x[c] . W_r (+ bias[r]) for c < NC (<= 4), r < nr: the 4 rows (raw `type` blocks, or
+ * F16/BF16 values; rows beyond nr repeat row 0) are dequantized in registers 32 values at a time */
+INLINE T512 void dotq_block_512(const int type, const uint8_t *const *row, int nr, const float *x, int64_t K,
+                                 const int NC, float *out, int64_t ldo, const float *bias) {
+    __m512 acc[4][4];
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; c++)
+#pragma GCC unroll 8
+        for (int r = 0; r < 4; r++) acc[c][r] = _mm512_setzero_ps();
+    for (int64_t k0 = 0, off = 0; k0 < K; k0 += block_size(type), off += block_bytes(type)) {
+        float dl[4][16], ml[4][16];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) block_scales(type, row[r] + off, dl[r], ml[r]);
+#pragma GCC unroll 8
+        for (int s = 0; s < block_size(type) / 32; s++) {
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                __m512 w[2];
+                block_w32_512(type, row[r] + off, s, dl[r], ml[r], w);
+#pragma GCC unroll 4
+                for (int c = 0; c < NC; c++) {
+                    const float *xc = x + c * K + k0 + 32 * s;
+                    acc[c][r] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xc), acc[c][r]);
+                    acc[c][r] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xc + 16), acc[c][r]);
+                }
+            }
+        }
+    }
+    store_sums_512(acc, NC, nr, out, ldo, bias);
+}
+
+INLINE T512 void dotq_rows_512(const int type, const uint8_t *const *row, int nr, const float *x, int64_t N,
+                                int64_t K, float *out, int64_t ldo, const float *bias) {
+    switch (N) {
+    case 4: dotq_block_512(type, row, nr, x, K, 4, out, ldo, bias); break;
+    case 3: dotq_block_512(type, row, nr, x, K, 3, out, ldo, bias); break;
+    case 2: dotq_block_512(type, row, nr, x, K, 2, out, ldo, bias); break;
+    default: dotq_block_512(type, row, nr, x, K, 1, out, ldo, bias); break;
+    }
+}
+
+/* out (N <= 4, nr) = x (N, K) @ W_rows^T (+ bias), weights dequantized in registers (K: block multiple) */
+T512 static void dotq_tile_512(int type, const uint8_t *const *row, int nr, const float *x, int64_t N, int64_t K,
+                               float *out, int64_t ldo, const float *bias) {
+    switch (type) {
+    case 1: dotq_rows_512(1, row, nr, x, N, K, out, ldo, bias); break;
+    case 30: dotq_rows_512(30, row, nr, x, N, K, out, ldo, bias); break;
+    case 2: dotq_rows_512(2, row, nr, x, N, K, out, ldo, bias); break;
+    case 3: dotq_rows_512(3, row, nr, x, N, K, out, ldo, bias); break;
+    case 6: dotq_rows_512(6, row, nr, x, N, K, out, ldo, bias); break;
+    case 7: dotq_rows_512(7, row, nr, x, N, K, out, ldo, bias); break;
+    case 8: dotq_rows_512(8, row, nr, x, N, K, out, ldo, bias); break;
+    case 10: dotq_rows_512(10, row, nr, x, N, K, out, ldo, bias); break;
+    case 11: dotq_rows_512(11, row, nr, x, N, K, out, ldo, bias); break;
+    case 12: dotq_rows_512(12, row, nr, x, N, K, out, ldo, bias); break;
+    case 13: dotq_rows_512(13, row, nr, x, N, K, out, ldo, bias); break;
+    default: dotq_rows_512(14, row, nr, x, N, K, out, ldo, bias); break;
+    }
+}
+
 
 /* out[c*ldo + k] += sum_{r < NR} g[c*ldg + r] * w[r][k] for c < NC (<= 4), k < K */
 INLINE T512 void axpy_block_512(const float *const *w_, const int NR, const float *g, int64_t ldg, const int NC,
@@ -557,22 +583,46 @@ T256 static void bf16_row_256(const uint8_t *x, float *y, int64_t n) {
     }
 }
 
-INLINE T256 void scale_256(const int8_t *q, const float *dl, const float *ml, const int op, const int n, float *y) {
-#pragma GCC unroll 32
-    for (int i = 0; i < n; i += 8) {
-        __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + i))));
-        v = _mm256_mul_ps(_mm256_set1_ps(dl[i >> 4]), v);
-        if (op == DQ_ADD) v = _mm256_add_ps(v, _mm256_set1_ps(ml[i >> 4]));
-        if (op == DQ_SUB) v = _mm256_sub_ps(v, _mm256_set1_ps(ml[i >> 4]));
-        _mm256_storeu_ps(y + i, v);
+/* 8 int8 q (the low 8 bytes) -> (dl * q) (+ or - ml) */
+INLINE T256 __m256 scale8_256(__m128i q, const float *dl, const float *ml, const int op) {
+    __m256 v = _mm256_mul_ps(_mm256_set1_ps(*dl), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+    if (op == DQ_ADD) v = _mm256_add_ps(v, _mm256_set1_ps(*ml));
+    if (op == DQ_SUB) v = _mm256_sub_ps(v, _mm256_set1_ps(*ml));
+    return v;
+}
+
+/* values 32s .. 32s+31 of one block x (or of 32 F16/BF16 values) -> w[0..3] */
+INLINE T256 void block_w32_256(const int type, const uint8_t *x, const int s, const float *dl, const float *ml,
+                                __m256 w[4]) {
+    if (type == T_F16 || type == T_BF16) {
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++) {
+            __m128i h = _mm_loadu_si128((const __m128i *)(x + 16 * i));
+            w[i] = type == T_F16 ? _mm256_cvtph_ps(h)
+                                 : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        }
+    } else {
+        __m256i q = block_q32(type, x, s);
+        __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+        w[0] = scale8_256(lo, dl + 2 * s, ml + 2 * s, block_op(type));
+        w[1] = scale8_256(_mm_unpackhi_epi64(lo, lo), dl + 2 * s, ml + 2 * s, block_op(type));
+        w[2] = scale8_256(hi, dl + 2 * s + 1, ml + 2 * s + 1, block_op(type));
+        w[3] = scale8_256(_mm_unpackhi_epi64(hi, hi), dl + 2 * s + 1, ml + 2 * s + 1, block_op(type));
     }
 }
 
 INLINE T256 void blocks_256(const int type, const uint8_t *x, int64_t nb, float *y) {
-    int8_t q[256];
     float dl[16], ml[16];
-    for (int64_t b = 0; b < nb; b++, x += block_bytes(type), y += block_size(type))
-        scale_256(q, dl, ml, decode_block(type, x, q, dl, ml), block_size(type), y);
+    for (int64_t b = 0; b < nb; b++, x += block_bytes(type), y += block_size(type)) {
+        block_scales(type, x, dl, ml);
+#pragma GCC unroll 8
+        for (int s = 0; s < block_size(type) / 32; s++) {
+            __m256 w[4];
+            block_w32_256(type, x, s, dl, ml, w);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + 32 * s + 8 * i, w[i]);
+        }
+    }
 }
 
 T256 static void dequant_256(int type, const uint8_t *row, int64_t k0, int64_t k1, float *y) {
@@ -598,6 +648,17 @@ T256 static void dequant_256(int type, const uint8_t *row, int64_t k0, int64_t k
 INLINE T256 __m128 hsum4_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
     __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/* out[c*ldo + r] = the sum of acc[c][r] (+ bias[r]) for c < NC, r < nr */
+INLINE T256 void store_sums_256(__m256 (*acc)[4], const int NC, int nr, float *out, int64_t ldo, const float *bias) {
+    __m128i m = _mm_loadu_si128((const __m128i *)(TAIL_MASK + 8 - nr));
+#pragma GCC unroll 2
+    for (int c = 0; c < NC; c++) {
+        __m128 sums = hsum4_avx2(acc[c][0], acc[c][1], acc[c][2], acc[c][3]);
+        if (bias) sums = _mm_add_ps(sums, _mm_maskload_ps(bias, m));
+        _mm_maskstore_ps(out + c * ldo, m, sums);
+    }
 }
 
 /* out[c*ldo + r] = x[c] . w[r] (+ bias[r]) for c < NC (<= 2), r < nr (16 registers: 8 accumulators) */
@@ -634,13 +695,7 @@ INLINE T256 void dot_block_256(const float *const *w, int nr, const float *x, in
             acc[c][3] = _mm256_fmadd_ps(w3, xv, acc[c][3]);
         }
     }
-    #pragma GCC unroll 8
-    for (int c = 0; c < NC; c++) {
-        float s[4];
-        _mm_storeu_ps(s, hsum4_avx2(acc[c][0], acc[c][1], acc[c][2], acc[c][3]));
-        #pragma GCC unroll 8
-        for (int r = 0; r < nr; r++) out[c * ldo + r] = bias ? s[r] + bias[r] : s[r];
-    }
+    store_sums_256(acc, NC, nr, out, ldo, bias);
 }
 
 T256 static void dot_tile_256(const float *const *w, int nr, const float *x, int64_t N, int64_t K, float *out,
@@ -649,6 +704,61 @@ T256 static void dot_tile_256(const float *const *w, int nr, const float *x, int
     for (; n + 2 <= N; n += 2) dot_block_256(w, nr, x + n * K, K, 2, out + n * ldo, ldo, bias);
     if (n < N) dot_block_256(w, nr, x + n * K, K, 1, out + n * ldo, ldo, bias);
 }
+
+/* out[c*ldo + r] = x[c] . W_r (+ bias[r]) for c < NC (<= 2), r < nr, weights dequantized in registers */
+INLINE T256 void dotq_block_256(const int type, const uint8_t *const *row, int nr, const float *x, int64_t K,
+                                 const int NC, float *out, int64_t ldo, const float *bias) {
+    __m256 acc[2][4];
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; c++)
+#pragma GCC unroll 8
+        for (int r = 0; r < 4; r++) acc[c][r] = _mm256_setzero_ps();
+    for (int64_t k0 = 0, off = 0; k0 < K; k0 += block_size(type), off += block_bytes(type)) {
+        float dl[4][16], ml[4][16];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) block_scales(type, row[r] + off, dl[r], ml[r]);
+#pragma GCC unroll 8
+        for (int s = 0; s < block_size(type) / 32; s++) {
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                __m256 w[4];
+                block_w32_256(type, row[r] + off, s, dl[r], ml[r], w);
+#pragma GCC unroll 2
+                for (int c = 0; c < NC; c++) {
+                    const float *xc = x + c * K + k0 + 32 * s;
+#pragma GCC unroll 4
+                    for (int i = 0; i < 4; i++) acc[c][r] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xc + 8 * i), acc[c][r]);
+                }
+            }
+        }
+    }
+    store_sums_256(acc, NC, nr, out, ldo, bias);
+}
+
+INLINE T256 void dotq_rows_256(const int type, const uint8_t *const *row, int nr, const float *x, int64_t N,
+                                int64_t K, float *out, int64_t ldo, const float *bias) {
+    if (N == 2) dotq_block_256(type, row, nr, x, K, 2, out, ldo, bias);
+    else dotq_block_256(type, row, nr, x, K, 1, out, ldo, bias);
+}
+
+T256 static void dotq_tile_256(int type, const uint8_t *const *row, int nr, const float *x, int64_t N, int64_t K,
+                               float *out, int64_t ldo, const float *bias) {
+    switch (type) {
+    case 1: dotq_rows_256(1, row, nr, x, N, K, out, ldo, bias); break;
+    case 30: dotq_rows_256(30, row, nr, x, N, K, out, ldo, bias); break;
+    case 2: dotq_rows_256(2, row, nr, x, N, K, out, ldo, bias); break;
+    case 3: dotq_rows_256(3, row, nr, x, N, K, out, ldo, bias); break;
+    case 6: dotq_rows_256(6, row, nr, x, N, K, out, ldo, bias); break;
+    case 7: dotq_rows_256(7, row, nr, x, N, K, out, ldo, bias); break;
+    case 8: dotq_rows_256(8, row, nr, x, N, K, out, ldo, bias); break;
+    case 10: dotq_rows_256(10, row, nr, x, N, K, out, ldo, bias); break;
+    case 11: dotq_rows_256(11, row, nr, x, N, K, out, ldo, bias); break;
+    case 12: dotq_rows_256(12, row, nr, x, N, K, out, ldo, bias); break;
+    case 13: dotq_rows_256(13, row, nr, x, N, K, out, ldo, bias); break;
+    default: dotq_rows_256(14, row, nr, x, N, K, out, ldo, bias); break;
+    }
+}
+
 
 /* out[c*ldo + k] += sum_{r < NR} g[c*ldg + r] * w[r][k] for c < NC (<= 2), k < K */
 INLINE T256 void axpy_block_256(const float *const *w_, const int NR, const float *g, int64_t ldg, const int NC,
@@ -715,14 +825,18 @@ typedef struct {
                      const float *bias);
     void (*axpy_tile)(const float *const *w, int nr, const float *g, int64_t ldg, int64_t N, int64_t K, float *out,
                       int64_t ldo);
+    /* out (N, nr) = x (N, K) @ W_rows^T (+ bias) for N <= fused_rows, weights dequantized in registers */
+    void (*dotq_tile)(int type, const uint8_t *const *row, int nr, const float *x, int64_t N, int64_t K, float *out,
+                      int64_t ldo, const float *bias);
+    int fused_rows;
 } Isa;
 
 static const Isa ISAS[] = {
 #ifdef MATMUL_X86
-    {"avx512", dequant_512, dot_tile_512, axpy_tile_512},
-    {"avx2", dequant_256, dot_tile_256, axpy_tile_256},
+    {"avx512", dequant_512, dot_tile_512, axpy_tile_512, dotq_tile_512, 4},
+    {"avx2", dequant_256, dot_tile_256, axpy_tile_256, dotq_tile_256, 2},
 #endif
-    {"baseline", dequant_base, dot_tile_base, axpy_tile_base},
+    {"baseline", dequant_base, dot_tile_base, axpy_tile_base, NULL, 0},
 };
 #define N_ISAS ((int)(sizeof ISAS / sizeof ISAS[0]))
 
@@ -824,6 +938,13 @@ static float *thread_buf(const Job *j, int tid) { return j->scratch ? j->scratch
 static void few_tile(const Job *j, int64_t o, int nr, float *buf /* (TILE_ROWS, K) */) {
     const Mat *W = j->W;
     int64_t K = W->n_in;
+    const float *bias = j->bias ? j->bias + o : NULL;
+    if (j->N <= j->isa->fused_rows && W->type != T_F32 && K % 32 == 0) { /* dequantized in registers */
+        const uint8_t *row[TILE_ROWS];
+        for (int r = 0; r < TILE_ROWS; r++) row[r] = row_ptr(W, o + (r < nr ? r : 0));
+        j->isa->dotq_tile(W->type, row, nr, j->x, j->N, K, j->out + o, W->n_out, bias);
+        return;
+    }
     const float *w[TILE_ROWS] = {NULL};
     for (int r = 0; r < TILE_ROWS; r++) {
         if (r >= nr) {
@@ -835,7 +956,7 @@ static void few_tile(const Job *j, int64_t o, int nr, float *buf /* (TILE_ROWS, 
             w[r] = buf + r * K;
         }
     }
-    j->isa->dot_tile(w, nr, j->x, j->N, K, j->out + o, W->n_out, j->bias ? j->bias + o : NULL);
+    j->isa->dot_tile(w, nr, j->x, j->N, K, j->out + o, W->n_out, bias);
 }
 
 static void few_range(void *ctx, int64_t lo, int64_t hi, int tid) {
