@@ -13,9 +13,11 @@
  *      (panels of weight rows unpacked to float32 and multiplied by single-threaded cblas_sgemm)
  *
  * Exactness: dequantization is the same float32 operations as quant.c in the same order (d*sc rounded
- * first, then d*q, then +m / -m). GCC contracts a*b+c into FMA only with -ffp-contract=fast, which
- * -std=c11 (setup.py) turns off; clang obeys the pragma below. tests/test_matmul_kernels.py checks
- * rows_f32 bit for bit for every variant. FMA is used only in the dot products (summation rounding). */
+ * first, then d*q, then +m / -m). (With f16 scales every product d*sc*q of these formats has at most 23
+ * significant bits, so it is exact and a contracted FMA could not change a value either; -std=c11, as
+ * setup.py compiles, does not contract.) tests/test_matmul_kernels.py checks rows_f32 bit for bit for
+ * every variant, and that one-hot rows of x return the dequantized weights bit for bit from every kernel.
+ * FMA is used in the dot products (summation rounding only). */
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
 #endif

@@ -141,6 +141,52 @@ def test_larger_shapes(name, pools):
         check_close(out_t, g.astype(np.float64) @ w.astype(np.float64), np.abs(g.astype(np.float64)) @ np.abs(w))
 
 
+def finite_random_raw(rng, name, n_out, n_in):
+    """random bytes with every f16 field (scales, or the F16 values) a random finite half: subnormals and
+    large values included"""
+    _, bs, ts = GGML[GGML_ID[name]]
+    if name in ("F32", "F16", "BF16"):
+        h = rng.integers(0, 1 << 16, size=(n_out, n_in), dtype=np.uint16)
+        h[(h & 0x7C00) == 0x7C00] &= 0xBFFF  # no inf/NaN halves (exponent 11111 -> 01111)
+        if name == "F16":
+            return h.view(np.uint8)
+        b = h & 0x7F7F  # BF16 / F32: keep the exponent finite
+        return b.view(np.uint8) if name == "BF16" else (b.astype(np.uint32) << 16).view(np.uint8)
+    raw = rng.integers(0, 256, size=(n_out * n_in // bs, ts), dtype=np.uint8)
+    for off in F16_FIELDS[name]:
+        h = rng.integers(0, 1 << 16, size=raw.shape[0], dtype=np.uint16)
+        h[(h & 0x7C00) == 0x7C00] &= 0xBFFF
+        raw[:, off:off + 2] = h.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(n_out, -1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", TYPES)
+def test_products_use_exact_weights(isa, name):
+    """one-hot rows of x pick single weights: every regime must return them bit for bit (a product with 1
+    and sums of zeros round nothing), so each kernel multiplies exactly the dequantized values"""
+    K.set_isa(isa)
+    t = GGML_ID[name]
+    bs = GGML[t][1]
+    n_in = 64 if bs == 1 else 2 * bs
+    n_out = 9
+    rng = np.random.default_rng(t + 11)
+    raw = finite_random_raw(rng, name, n_out, n_in)
+    w = reference(raw, name).reshape(n_out, n_in)
+    assert np.isfinite(w).all()
+    eye = np.eye(n_in, dtype=np.float32)
+    cols = rng.choice(n_in, 4, replace=False)
+    for x in (eye[cols[:1]], eye[cols[:2]], eye[cols], eye):  # 1, 2, 4 rows: in registers; all: buffer, sgemm
+        for path in PATHS:
+            got = K.matmul(x, raw, t, n_out, n_in, threads=2, path=path)
+            assert np.array_equal(got, (x @ w.T.astype(np.float64)).astype(np.float32)), (x.shape, path)
+    g_eye = np.eye(n_out, dtype=np.float32)
+    for g in (g_eye[:1], g_eye[3:5], g_eye):
+        for path in PATHS:
+            got = K.matmul_t(g, raw, t, n_out, n_in, threads=2, path=path)
+            assert np.array_equal(got, (g @ w.astype(np.float64)).astype(np.float32)), (g.shape, path)
+
+
 def assert_bits_equal(a, b):
     """float32 arrays equal bit for bit; NaNs at the same places (payloads may differ)"""
     assert a.dtype == np.float32 and b.dtype == np.float32 and a.shape == b.shape
