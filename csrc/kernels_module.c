@@ -45,8 +45,9 @@ static void PoolObject_dealloc(PoolObject *self) {
 
 static PyObject *PoolObject_threads(PoolObject *self, void *closure) { return PyLong_FromLong(self->n ? self->n : 1); }
 
-static PyGetSetDef PoolObject_getset[] = {{"threads", (getter)PoolObject_threads, NULL, "threads (the caller included)", NULL},
-                                          {NULL, NULL, NULL, NULL, NULL}};
+static PyGetSetDef PoolObject_getset[] = {
+    {"threads", (getter)PoolObject_threads, NULL, "threads (the caller included)", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
 
 static PyTypeObject PoolType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "factrace._kernels.Pool",
@@ -325,7 +326,7 @@ static PyMethodDef methods[] = {
      "matmul_t(g, data, type, n_out, n_in, threads=1, path='auto') -> g @ W"},
     {"rows_f32", py_rows_f32, METH_VARARGS, "rows_f32(data, type, n_out, n_in, r0, r1) -> W[r0:r1] as float32"},
     {"row_bytes", py_row_bytes, METH_VARARGS, "row_bytes(type, n_in) -> bytes per row"},
-    {"crossover", py_crossover, METH_VARARGS, "crossover(type, transposed=False) -> smallest N of the many-rows regime"},
+    {"crossover", py_crossover, METH_VARARGS, "crossover(type, transposed=False) -> smallest N of the sgemm regime"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa('avx512' | 'avx2' | 'baseline') (test hook)"},
     {"isa", py_isa, METH_NOARGS, "isa() -> the SIMD variant in use"},
     {"isas", py_isas, METH_NOARGS, "isas() -> the SIMD variants this CPU supports, best first"},

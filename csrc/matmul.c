@@ -174,7 +174,12 @@ INLINE int block_bytes(int type) {
     default: return 64; /* 32 F16/BF16 values */
     }
 }
-INLINE int block_op(int type) { return type == 3 || type == 7 ? DQ_ADD : type == 10 || type == 12 || type == 13 ? DQ_SUB : DQ_MUL; }
+/* how q and the scales combine: Q4_1, Q5_1 add an offset, Q2_K, Q4_K, Q5_K subtract one */
+INLINE int block_op(int type) {
+    if (type == 3 || type == 7) return DQ_ADD;
+    if (type == 10 || type == 12 || type == 13) return DQ_SUB;
+    return DQ_MUL;
+}
 
 /* 8 x 6-bit scales and mins of Q4_K / Q5_K from 12 packed bytes */
 INLINE void scale_min_k4(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
@@ -273,7 +278,6 @@ INLINE T256 __m256i block_q32(const int type, const uint8_t *x, const int s) {
 /* ------------------------------------------------------------------------------------------ */
 /* 3a. AVX-512 (F, BW, VL, DQ) + FMA + F16C                                                    */
 
-
 /* F16 -> F32 with vcvtph2ps; inf/NaN lanes rebuilt by bits (the instruction quiets signaling NaNs,
  * quant.c keeps the payload as is) */
 T512 static void f16_row_512(const uint8_t *x, float *y, int64_t n) {
@@ -307,7 +311,6 @@ T512 static void bf16_row_512(const uint8_t *x, float *y, int64_t n) {
     }
 }
 
-/* y (n, a multiple of 16) = combine(dl[i/16], q[i], ml[i/16]) */
 /* 16 int8 q -> (dl * q) (+ or - ml), the product rounded first */
 INLINE T512 __m512 scale16_512(__m128i q, const float *dl, const float *ml, const int op) {
     __m512 v = _mm512_mul_ps(_mm512_set1_ps(*dl), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
@@ -319,13 +322,13 @@ INLINE T512 __m512 scale16_512(__m128i q, const float *dl, const float *ml, cons
 /* values 32s .. 32s+31 of one block x (or of 32 F16/BF16 values) -> w[0], w[1] */
 INLINE T512 void block_w32_512(const int type, const uint8_t *x, const int s, const float *dl, const float *ml,
                                 __m512 w[2]) {
-    if (type == T_F16) {
-        w[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)x));
-        w[1] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + 32)));
-    } else if (type == T_BF16) {
-        w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
-        w[1] = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + 32))), 16));
+    if (type == T_F16 || type == T_BF16) {
+#pragma GCC unroll 2
+        for (int i = 0; i < 2; i++) {
+            __m256i h = _mm256_loadu_si256((const __m256i *)(x + 32 * i));
+            w[i] = type == T_F16 ? _mm512_cvtph_ps(h)
+                                 : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        }
     } else {
         __m256i q = block_q32(type, x, s);
         w[0] = scale16_512(_mm256_castsi256_si128(q), dl + 2 * s, ml + 2 * s, block_op(type));
@@ -393,15 +396,15 @@ INLINE T512 void store_sums_512(__m512 (*acc)[4], const int NC, int nr, float *o
 INLINE T512 void dot_block_512(const float *const *w, int nr, const float *x, int64_t K, const int NC, float *out,
                                 int64_t ldo, const float *bias) {
     __m512 acc[6][4];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int c = 0; c < NC; c++)
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < 4; r++) acc[c][r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) { /* the last step masked (F32/F16/BF16 widths) */
         __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
         __m512 w0 = _mm512_maskz_loadu_ps(m, w[0] + k), w1 = _mm512_maskz_loadu_ps(m, w[1] + k);
         __m512 w2 = _mm512_maskz_loadu_ps(m, w[2] + k), w3 = _mm512_maskz_loadu_ps(m, w[3] + k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NC; c++) {
             __m512 xv = _mm512_maskz_loadu_ps(m, x + c * K + k);
             acc[c][0] = _mm512_fmadd_ps(w0, xv, acc[c][0]);
@@ -489,7 +492,6 @@ T512 static void dotq_tile_512(int type, const uint8_t *const *row, int nr, cons
     }
 }
 
-
 /* out[c*ldo + k] += sum_{r < NR} g[c*ldg + r] * w[r][k] for c < NC (<= 4), k < K */
 INLINE T512 void axpy_block_512(const float *const *w_, const int NR, const float *g, int64_t ldg, const int NC,
                                  int64_t K, float *out, int64_t ldo) {
@@ -497,30 +499,30 @@ INLINE T512 void axpy_block_512(const float *const *w_, const int NR, const floa
     const float *w[4]; /* a local copy: the stores to out could alias w_ */
 #pragma GCC unroll 8
     for (int r = 0; r < NR; r++) w[r] = w_[r];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int c = 0; c < NC; c++)
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < NR; r++) gv[c][r] = _mm512_set1_ps(g[c * ldg + r]);
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < NR; r++) wv[r] = _mm512_loadu_ps(w[r] + k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NC; c++) {
             __m512 o = _mm512_loadu_ps(out + c * ldo + k);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int r = 0; r < NR; r++) o = _mm512_fmadd_ps(gv[c][r], wv[r], o);
             _mm512_storeu_ps(out + c * ldo + k, o);
         }
     }
     if (k < K) {
         __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_ps(m, w[r] + k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NC; c++) {
             __m512 o = _mm512_maskz_loadu_ps(m, out + c * ldo + k);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int r = 0; r < NR; r++) o = _mm512_fmadd_ps(gv[c][r], wv[r], o);
             _mm512_mask_storeu_ps(out + c * ldo + k, m, o);
         }
@@ -667,15 +669,15 @@ INLINE T256 void store_sums_256(__m256 (*acc)[4], const int NC, int nr, float *o
 INLINE T256 void dot_block_256(const float *const *w, int nr, const float *x, int64_t K, const int NC, float *out,
                                 int64_t ldo, const float *bias) {
     __m256 acc[2][4];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int c = 0; c < NC; c++)
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < 4; r++) acc[c][r] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
         __m256 w0 = _mm256_loadu_ps(w[0] + k), w1 = _mm256_loadu_ps(w[1] + k);
         __m256 w2 = _mm256_loadu_ps(w[2] + k), w3 = _mm256_loadu_ps(w[3] + k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NC; c++) {
             __m256 xv = _mm256_loadu_ps(x + c * K + k);
             acc[c][0] = _mm256_fmadd_ps(w0, xv, acc[c][0]);
@@ -688,7 +690,7 @@ INLINE T256 void dot_block_256(const float *const *w, int nr, const float *x, in
         __m256i m = tail_mask_256(K - k);
         __m256 w0 = _mm256_maskload_ps(w[0] + k, m), w1 = _mm256_maskload_ps(w[1] + k, m);
         __m256 w2 = _mm256_maskload_ps(w[2] + k, m), w3 = _mm256_maskload_ps(w[3] + k, m);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NC; c++) {
             __m256 xv = _mm256_maskload_ps(x + c * K + k, m);
             acc[c][0] = _mm256_fmadd_ps(w0, xv, acc[c][0]);
@@ -729,7 +731,8 @@ INLINE T256 void dotq_block_256(const int type, const uint8_t *const *row, int n
                 for (int c = 0; c < NC; c++) {
                     const float *xc = x + c * K + k0 + 32 * s;
 #pragma GCC unroll 4
-                    for (int i = 0; i < 4; i++) acc[c][r] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xc + 8 * i), acc[c][r]);
+                    for (int i = 0; i < 4; i++)
+                        acc[c][r] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xc + 8 * i), acc[c][r]);
                 }
             }
         }
@@ -761,7 +764,6 @@ T256 static void dotq_tile_256(int type, const uint8_t *const *row, int nr, cons
     }
 }
 
-
 /* out[c*ldo + k] += sum_{r < NR} g[c*ldg + r] * w[r][k] for c < NC (<= 2), k < K */
 INLINE T256 void axpy_block_256(const float *const *w_, const int NR, const float *g, int64_t ldg, const int NC,
                                  int64_t K, float *out, int64_t ldo) {
@@ -769,30 +771,30 @@ INLINE T256 void axpy_block_256(const float *const *w_, const int NR, const floa
     const float *w[4]; /* a local copy: the stores to out could alias w_ */
 #pragma GCC unroll 8
     for (int r = 0; r < NR; r++) w[r] = w_[r];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int c = 0; c < NC; c++)
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < NR; r++) gv[c][r] = _mm256_set1_ps(g[c * ldg + r]);
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < NR; r++) wv[r] = _mm256_loadu_ps(w[r] + k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NC; c++) {
             __m256 o = _mm256_loadu_ps(out + c * ldo + k);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int r = 0; r < NR; r++) o = _mm256_fmadd_ps(gv[c][r], wv[r], o);
             _mm256_storeu_ps(out + c * ldo + k, o);
         }
     }
     if (k < K) {
         __m256i m = tail_mask_256(K - k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < NR; r++) wv[r] = _mm256_maskload_ps(w[r] + k, m);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NC; c++) {
             __m256 o = _mm256_maskload_ps(out + c * ldo + k, m);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int r = 0; r < NR; r++) o = _mm256_fmadd_ps(gv[c][r], wv[r], o);
             _mm256_maskstore_ps(out + c * ldo + k, m, o);
         }
