@@ -181,17 +181,23 @@ INLINE int block_op(int type) {
     return DQ_MUL;
 }
 
-/* 8 x 6-bit scales and mins of Q4_K / Q5_K from 12 packed bytes */
-INLINE void scale_min_k4(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
-    for (int k = 0; k < 4; k++) {
-        sc[k] = s[k] & 63;
-        mn[k] = s[4 + k] & 63;
-        sc[4 + k] = (uint8_t)((s[8 + k] & 15) | ((s[k] >> 2) & 0x30));
-        mn[4 + k] = (uint8_t)((s[8 + k] >> 4) | ((s[4 + k] >> 2) & 0x30));
-    }
+INLINE uint32_t ld32(const uint8_t *p) { /* little-endian, like the format (x86 only) */
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
 
-/* dl[g], ml[g]: scale and offset of values 16g .. 16g+15 of block x (F16, BF16: none) */
+/* y[i] = d * (float)b[i], i < 16 (bytes b signed or not) */
+INLINE T256 void scale_bytes(float *y, float d, __m128i b, const int is_signed) {
+    __m256 vd = _mm256_set1_ps(d);
+    __m256i lo = is_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+    __m256i hi = is_signed ? _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)) : _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+    _mm256_storeu_ps(y, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(lo)));
+    _mm256_storeu_ps(y + 8, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(hi)));
+}
+
+/* dl[g], ml[g]: scale and offset of values 16g .. 16g+15 of block x (F16, BF16: none), each d * sc
+ * rounded to float32 as quant.c does (the bit fields unpacked 4 or 8 bytes at a time) */
 INLINE T256 void block_scales(const int type, const uint8_t *x, float *dl, float *ml) {
     switch (type) {
     case T_F16: case T_BF16:
@@ -204,37 +210,35 @@ INLINE T256 void block_scales(const int type, const uint8_t *x, float *dl, float
         ml[0] = ml[1] = h2f(x + 2);
         break;
     case 10: { /* Q2_K: scales[16] (lo 4 bits scale, hi 4 bits min) at 0, d at 80, dmin at 82 */
-        float d = h2f(x + 80), dmin = h2f(x + 82);
-        for (int g = 0; g < 16; g++) {
-            dl[g] = d * (float)(x[g] & 15);
-            ml[g] = dmin * (float)(x[g] >> 4);
-        }
+        __m128i b = load16(x), m = _mm_set1_epi8(15);
+        scale_bytes(dl, h2f(x + 80), _mm_and_si128(b, m), 0);
+        scale_bytes(ml, h2f(x + 82), _mm_and_si128(_mm_srli_epi16(b, 4), m), 0);
         break;
     }
-    case 11: { /* Q3_K: 16 x 6-bit scales packed in 12 bytes at 96, d at 108; dl = d * (sc - 32) */
-        const uint8_t *sc = x + 96;
-        float d = h2f(x + 108);
-        for (int i = 0; i < 16; i++) {
-            int lo = (sc[i % 8] >> (4 * (i / 8))) & 15;
-            int hi = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
-            dl[i] = d * (float)((lo | (hi << 4)) - 32);
-        }
+    case 11: { /* Q3_K: 16 6-bit scales at 96 (low 4 bits: bytes 0-7, low then high nibbles; high 2 bits:
+                * bytes 8-11, 2 bits at a time), d at 108; dl = d * (sc - 32) */
+        uint64_t a = (uint64_t)ld32(x + 96) | (uint64_t)ld32(x + 100) << 32, c = ld32(x + 104);
+        uint64_t h01 = (c & 0x03030303u) | ((c >> 2) & 0x03030303u) << 32;
+        uint64_t h23 = ((c >> 4) & 0x03030303u) | ((c >> 6) & 0x03030303u) << 32;
+        __m128i sc = _mm_set_epi64x((long long)(((a >> 4) & 0x0f0f0f0f0f0f0f0full) | h23 << 4),
+                                    (long long)((a & 0x0f0f0f0f0f0f0f0full) | h01 << 4));
+        scale_bytes(dl, h2f(x + 108), _mm_sub_epi8(sc, _mm_set1_epi8(32)), 1);
         break;
     }
-    case 12: case 13: { /* Q4_K, Q5_K: d, dmin, 12 bytes of 6-bit scales and mins, one per 32 values */
-        float d = h2f(x), dmin = h2f(x + 2);
-        uint8_t sc[8], mn[8];
-        scale_min_k4(x + 4, sc, mn);
-        for (int g = 0; g < 8; g++) {
-            dl[2 * g] = dl[2 * g + 1] = d * (float)sc[g];
-            ml[2 * g] = ml[2 * g + 1] = dmin * (float)mn[g];
-        }
+    case 12: case 13: { /* Q4_K, Q5_K: d, dmin, then 12 bytes of 6-bit scales and mins, one per 32 values:
+                         * scale g < 4 = s[g] & 63, scale g+4 = (s[8+g] & 15) | (s[g] >> 6) << 4, mins
+                         * likewise from s[4+g] and the high nibbles of s[8+g] */
+        uint32_t a = ld32(x + 4), b = ld32(x + 8), c = ld32(x + 12);
+        uint64_t sc = (a & 0x3f3f3f3fu) | (uint64_t)((c & 0x0f0f0f0fu) | ((a >> 2) & 0x30303030u)) << 32;
+        uint64_t mn = (b & 0x3f3f3f3fu) | (uint64_t)(((c >> 4) & 0x0f0f0f0fu) | ((b >> 2) & 0x30303030u)) << 32;
+        __m128i s8 = _mm_cvtsi64_si128((long long)sc), m8 = _mm_cvtsi64_si128((long long)mn);
+        scale_bytes(dl, h2f(x), _mm_unpacklo_epi8(s8, s8), 0); /* each twice: groups of 16 */
+        scale_bytes(ml, h2f(x + 2), _mm_unpacklo_epi8(m8, m8), 0);
         break;
     }
-    case 14: { /* Q6_K: int8 scales[16] at 192, d at 208 */
-        float d = h2f(x + 208);
-        for (int i = 0; i < 16; i++) dl[i] = d * (float)(int8_t)x[192 + i];
-    }
+    case 14: /* Q6_K: int8 scales[16] at 192, d at 208 */
+        scale_bytes(dl, h2f(x + 208), load16(x + 192), 1);
+        break;
     }
 }
 
