@@ -900,13 +900,17 @@ int mat_set_isa(const char *name) {
 /* ------------------------------------------------------------------------------------------ */
 /* 5. drivers                                                                                  */
 
-/* Smallest N that takes the many-rows (sgemm) regime, per type; measured with benchmarks/matmul.py
- * (2 threads, AVX-512, GPT-2 / Llama shapes): see the report in the commit that set them. */
+/* Smallest N that takes the many-rows (sgemm) regime. Measured on the Zen 4 test machine (one thread, best
+ * of interleaved runs, weights streamed from memory; GPT-2 768 <-> 3072 and Qwen 896 -> 4864 shapes): the
+ * two regimes run within ~10% of each other from N = 48 to 128; few rows wins longer for wide inputs
+ * (3072 -> 768: up to N ~ 128-192) and for the formats whose unpacked panel costs more to write than to
+ * read (all but F32). mat_mul_t's few-rows kernel rereads its (N, n_in) partial sum per 4 weight rows,
+ * so sgemm takes over early (N ~ 32 for 3072-wide inputs, ~96 for 768-wide). */
 int64_t mat_crossover(int type, int transposed) {
-    if (transposed) return 48;
+    if (transposed) return 32;
     switch (type) {
-    case 0: return 64;
-    default: return 64;
+    case 0: case 1: case 30: return 64;
+    default: return 96;
     }
 }
 
