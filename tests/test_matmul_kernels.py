@@ -371,20 +371,28 @@ def test_crossover_table():
 
 
 def test_pools_from_many_python_threads():
-    """many tiny loops from several Python threads, each with its own pool (and sgemm inside pool threads)"""
+    """many tiny loops (2 to 12 chunks) from several Python threads, each with its own pool; sgemm inside pool
+    threads; every result checked"""
     rng = np.random.default_rng(5)
-    raw, w = make_weights(rng, "Q8_0", 48, 64)
-    xs = [rng.standard_normal((n, 64)).astype(np.float32) for n in (1, 3, 80)]
-    refs = [x.astype(np.float64) @ w.T.astype(np.float64) for x in xs]
+    cases = []
+    for n_out in (8, 48):
+        raw, w = make_weights(rng, "Q8_0", n_out, 64)
+        for n in (1, 3, 100):
+            x = rng.standard_normal((n, 64)).astype(np.float32)
+            g = rng.standard_normal((n, n_out)).astype(np.float32)
+            cases.append((raw, n_out, x, g, x.astype(np.float64) @ w.T.astype(np.float64),
+                          g.astype(np.float64) @ w.astype(np.float64)))
     errors = []
 
     def work(seed):
         try:
             pool = K.Pool(2 + seed % 2)
-            for i in range(150):
-                j = (i + seed) % 3
-                out = K.matmul(xs[j], raw, 8, 48, 64, threads=pool, path=["few", "many", "auto"][i % 3])
-                if not np.allclose(out, refs[j], rtol=1e-4, atol=1e-4):
+            for i in range(300):
+                raw, n_out, x, g, ref, ref_t = cases[(i + seed) % len(cases)]
+                path = PATHS[i % 3]
+                out = K.matmul(x, raw, 8, n_out, 64, threads=pool, path=path)
+                out_t = K.matmul_t(g, raw, 8, n_out, 64, threads=pool, path=path)
+                if not (np.allclose(out, ref, rtol=1e-4, atol=1e-4) and np.allclose(out_t, ref_t, rtol=1e-4, atol=1e-4)):
                     errors.append((seed, i))
         except Exception as e:  # pragma: no cover
             errors.append(e)
@@ -395,6 +403,27 @@ def test_pools_from_many_python_threads():
     for th in threads:
         th.join()
     assert errors == []
+
+
+def test_pools_created_per_call_from_many_python_threads():
+    rng = np.random.default_rng(6)
+    raw, w = make_weights(rng, "Q4_0", 40, 64)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    bad = []
+
+    def work(seed):
+        for i in range(50):
+            out = K.matmul(x, raw, 2, 40, 64, threads=2 + (i + seed) % 2, path=PATHS[i % 3])
+            if not np.allclose(out, ref, rtol=1e-4, atol=1e-4):
+                bad.append((seed, i))
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert bad == []
 
 
 def test_pool_in_use_is_refused():
