@@ -974,11 +974,18 @@ static void few_tile(const Job *j, int64_t o, int nr, float *buf /* (TILE_ROWS, 
     j->isa->dot_tile(w, nr, j->x, j->N, K, j->out + o, W->n_out, bias);
 }
 
+/* asks for rows r0..r1-1 of W (into L2) ahead of use: the tiles alternate between reading weights and
+ * computing, and without this the memory idles while they compute (measured, one thread, 768 -> 3072:
+ * BF16 N = 1 0.44 -> 0.20 ms, N = 16 1.30 -> 1.05 ms; F32 N = 1 0.60 -> 0.51 ms) */
+static void prefetch_rows(const Mat *W, int64_t r0, int64_t r1) {
+    for (const uint8_t *a = row_ptr(W, r0), *b = row_ptr(W, r1); a < b; a += 64) __builtin_prefetch(a, 0, 2);
+}
+
 static void few_range(void *ctx, int64_t lo, int64_t hi, int tid) {
     const Job *j = ctx;
     for (int64_t o = lo; o < hi; o += TILE_ROWS) {
-        int nr = (int)min64(TILE_ROWS, hi - o);
-        few_tile(j, o, nr, thread_buf(j, tid));
+        prefetch_rows(j->W, min64(hi, o + TILE_ROWS), min64(hi, o + 2 * TILE_ROWS)); /* the next tile */
+        few_tile(j, o, (int)min64(TILE_ROWS, hi - o), thread_buf(j, tid));
     }
 }
 
