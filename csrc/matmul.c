@@ -50,9 +50,6 @@ typedef struct {
     const uint8_t *p, *end;
 } Ahead;
 
-#define PREFETCH_LINES(a, n)                                                                           \
-    for (int i_ = 0; i_ < (n) && (a)->p < (a)->end; i_++, (a)->p += 64) _mm_prefetch((const char *)(a)->p, _MM_HINT_T1)
-
 static int supported(int type) {
     switch (type) {
     case 0: case 1: case 30: case 2: case 3: case 6: case 7: case 8: case 10: case 11: case 12: case 13: case 14:
@@ -164,6 +161,11 @@ INLINE T256 __m256i high_bits(uint32_t qh) {
     const __m256i bit = _mm256_set1_epi64x(0x8040201008040201ll);
     __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), spread), bit);
     return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), bytes(0x10));
+}
+
+/* asks for the next n cache lines of *a (into L2) */
+INLINE void ahead_lines(Ahead *a, int n) {
+    for (int i = 0; i < n && a->p < a->end; i++, a->p += 64) _mm_prefetch((const char *)a->p, _MM_HINT_T1);
 }
 
 /* a block's f16 scale -> float32 with F16C (exact; a signaling NaN comes out quiet, which the products
@@ -418,7 +420,7 @@ INLINE T512 void dot_block_512(const float *const *w, int nr, const float *x, in
         for (int r = 0; r < 4; r++) acc[c][r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) { /* the last step masked (F32/F16/BF16 widths) */
         __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
-        PREFETCH_LINES(ahead, 4); /* what this step reads of 4 F32 rows */
+        ahead_lines(ahead, 4); /* what this step reads of 4 F32 rows */
         __m512 w0 = _mm512_maskz_loadu_ps(m, w[0] + k), w1 = _mm512_maskz_loadu_ps(m, w[1] + k);
         __m512 w2 = _mm512_maskz_loadu_ps(m, w[2] + k), w3 = _mm512_maskz_loadu_ps(m, w[3] + k);
 #pragma GCC unroll 8
@@ -460,7 +462,7 @@ INLINE T512 void dotq_block_512(const int type, const uint8_t *const *row, int n
         for (int r = 0; r < 4; r++) acc[c][r] = _mm512_setzero_ps();
     for (int64_t k0 = 0, off = 0; k0 < K; k0 += block_size(type), off += block_bytes(type)) {
         float dl[4][16], ml[4][16];
-        PREFETCH_LINES(ahead, (4 * block_bytes(type) + 63) / 64); /* what this step reads of 4 rows */
+        ahead_lines(ahead, (4 * block_bytes(type) + 63) / 64); /* what this step reads of 4 rows */
 #pragma GCC unroll 4
         for (int r = 0; r < 4; r++) block_scales(type, row[r] + off, dl[r], ml[r]);
 #pragma GCC unroll 8
@@ -693,7 +695,7 @@ INLINE T256 void dot_block_256(const float *const *w, int nr, const float *x, in
         for (int r = 0; r < 4; r++) acc[c][r] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
-        PREFETCH_LINES(ahead, 2);
+        ahead_lines(ahead, 2);
         __m256 w0 = _mm256_loadu_ps(w[0] + k), w1 = _mm256_loadu_ps(w[1] + k);
         __m256 w2 = _mm256_loadu_ps(w[2] + k), w3 = _mm256_loadu_ps(w[3] + k);
 #pragma GCC unroll 8
@@ -738,7 +740,7 @@ INLINE T256 void dotq_block_256(const int type, const uint8_t *const *row, int n
         for (int r = 0; r < 4; r++) acc[c][r] = _mm256_setzero_ps();
     for (int64_t k0 = 0, off = 0; k0 < K; k0 += block_size(type), off += block_bytes(type)) {
         float dl[4][16], ml[4][16];
-        PREFETCH_LINES(ahead, (4 * block_bytes(type) + 63) / 64); /* what this step reads of 4 rows */
+        ahead_lines(ahead, (4 * block_bytes(type) + 63) / 64); /* what this step reads of 4 rows */
 #pragma GCC unroll 4
         for (int r = 0; r < 4; r++) block_scales(type, row[r] + off, dl[r], ml[r]);
 #pragma GCC unroll 8
