@@ -1148,6 +1148,7 @@ int mat_mul_t_path(Pool *pool, float *out, const float *g, int64_t N, const Mat 
      * stay under half the weight bytes (they are written and summed once), at least one per thread */
     int64_t tiles = (n_out + TILE_ROWS - 1) / TILE_ROWS;
     int64_t chunks = min64(tiles, max64(threads, min64(3 * threads, n_out * rb / 2 / (4 * N * K) + 1)));
+    if (threads == 1) chunks = 1;
     int64_t step = (tiles + chunks - 1) / chunks * TILE_ROWS;
     chunks = (n_out + step - 1) / step;
     j.n_parts = chunks - 1;
