@@ -340,6 +340,10 @@ static PyObject *py_pool_bench(PyObject *mod, PyObject *args) {
     PyObject *othreads;
     long long loops, chunks, work_ns, gap_ns;
     if (!PyArg_ParseTuple(args, "OLLLL", &othreads, &loops, &chunks, &work_ns, &gap_ns)) return NULL;
+    if (loops < 0 || chunks < 0 || work_ns < 0 || gap_ns < 0) {
+        PyErr_SetString(PyExc_ValueError, "pool_bench: loops, chunks, work_ns and gap_ns must be >= 0");
+        return NULL;
+    }
     Pool *pool;
     int owned;
     PoolObject *po;
