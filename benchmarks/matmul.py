@@ -4,11 +4,12 @@
                                 [--paths auto] [--quick]
 
 Prints the CPU, the SIMD variant, the OpenBLAS sgemm rate (one call, 512x3072x768, `threads` threads) and
-the read bandwidth (numpy sums of a 512 MB array, one half per thread), then per shape (in -> out), row
-count N and weight type: time per call (median over interleaved rounds), GFLOP/s, weight GB/s, the ratio
-to the weight-streaming floor (weight bytes / read bandwidth), and the speed-up over (a) OpenBLAS sgemm
-with `threads` threads on float32 weights (the call the forward pass makes today) and (b) torch
-F.linear on float32 weights with torch.set_num_threads(threads).
+the read bandwidth (numpy sums of a 512 MB array, one part per thread), then per shape (in -> out), row
+count N and weight type: time per call (median over interleaved rounds, and the best round), GFLOP/s,
+weight GB/s, the ratio to the weight-streaming floor (weight bytes / read bandwidth), and the speed-up over
+(a) OpenBLAS sgemm with `threads` threads on float32 weights (the call the forward pass makes today) and
+(b) torch F.linear on float32 weights with torch.set_num_threads(threads). K-quants need n_in % 256 == 0
+(SmolLM2's 576 and Qwen's 896 widths are skipped for them).
 
 Each candidate cycles through copies of its weights totalling >= 96 MB (3x the L3 of the test machine) so
 every call streams its weights from memory, as a forward pass over many layers does."""
@@ -107,7 +108,7 @@ def measure(cands, rounds, batch_s=0.004):
                 fn()
             times[name].append((time.perf_counter() - t) / reps[name])
             after()
-    return {name: statistics.median(v) for name, v in times.items()}
+    return {name: (statistics.median(v), min(v)) for name, v in times.items()}
 
 
 def read_bandwidth(threads):
@@ -162,7 +163,7 @@ def main(argv=None):
     a = rng.standard_normal((512, 768), dtype=np.float32)
     b = rng.standard_normal((3072, 768), dtype=np.float32)
     _core.set_num_threads(T)
-    t = measure({"sgemm": (lambda: _core.sgemm(a, b), lambda: None, lambda: None)}, 5)["sgemm"]
+    t = measure({"sgemm": (lambda: _core.sgemm(a, b), lambda: None, lambda: None)}, 5)["sgemm"][0]
     _core.set_num_threads(1)
     sgemm_rate = 2 * 512 * 3072 * 768 / t / 1e9
     bw = read_bandwidth(T)
@@ -179,14 +180,18 @@ def main(argv=None):
     for shape in shapes:
         n_in, n_out = SHAPES[shape]
         flops_per_row = 2 * n_in * n_out
-        raws = {name: Cycle(copies(lambda: weights(rng, name, n_out, n_in), n_out * _kernels.row_bytes(TYPE_ID[name], n_in)))
-                for name in types}
+        skipped = [t for t in types if n_in % BLOCK.get(t, (1,))[0]]
+        if skipped:
+            print(f"{shape}: {', '.join(skipped)} skipped (n_in = {n_in} is not a multiple of the block size)")
+        raws = {name: Cycle(copies(lambda: weights(rng, name, n_out, n_in),
+                                   n_out * _kernels.row_bytes(TYPE_ID[name], n_in)))
+                for name in types if name not in skipped}
         f32 = Cycle(copies(lambda: rng.standard_normal((n_out, n_in), dtype=np.float32), 4 * n_out * n_in))
         tw = Cycle([torch.from_numpy(w) for w in f32.items]) if torch is not None else None
         for N in ns:
             x = rng.standard_normal((N, n_in), dtype=np.float32)
             cands = {}
-            for name in types:
+            for name in [t for t in types if n_in % BLOCK.get(t, (1,))[0] == 0]:
                 for path in paths:
                     def fn(name=name, path=path):
                         _kernels.matmul(x, raws[name].next(), TYPE_ID[name], n_out, n_in, threads=pool, path=path)
@@ -201,8 +206,8 @@ def main(argv=None):
                             torch.nn.functional.linear(tx, tw.next())
                     cands["torch"] = (tfn, noop, lambda: time.sleep(0.01))  # let torch's OpenMP threads settle
             med = measure(cands, args.rounds)
-            ref_s, ref_t = med.get("sgemm"), med.get("torch")
-            for key, s in med.items():
+            ref_s, ref_t = (med[k][0] if k in med else None for k in ("sgemm", "torch"))
+            for key, (s, best) in med.items():
                 if key in ("sgemm", "torch"):
                     name, path, wbytes = f"[{key} f32]", "", 4 * n_out * n_in
                 else:
@@ -210,11 +215,15 @@ def main(argv=None):
                     if path == "auto":
                         path = "many" if N >= _kernels.crossover(TYPE_ID[name]) else "few"
                 floor = wbytes / (bw * 1e9)
-                rows.append([f"{shape} {n_in}->{n_out}", N, name, path, f"{s * 1e3:.3f}", f"{flops_per_row * N / s / 1e9:.1f}",
-                             f"{wbytes / s / 1e9:.1f}", f"{s / floor:.2f}",
+                rows.append([f"{shape} {n_in}->{n_out}", N, name, path, f"{s * 1e3:.3f}", f"{best * 1e3:.3f}",
+                             f"{flops_per_row * N / s / 1e9:.1f}", f"{wbytes / s / 1e9:.1f}", f"{s / floor:.2f}",
                              f"{ref_s / s:.2f}" if ref_s else "-", f"{ref_t / s:.2f}" if ref_t else "-"])
             sys.stdout.flush()
-    print_table(rows, ["shape", "N", "type", "path", "ms", "GFLOP/s", "wGB/s", "x floor", "vs sgemm", "vs torch"])
+    print()
+    print("ms: median over rounds (best: fastest round); GFLOP/s, wGB/s (weight bytes / time), x floor (time /"
+          " weight-streaming floor) and the speed-ups vs sgemm / torch (their time / this time) use the median")
+    print_table(rows, ["shape", "N", "type", "path", "ms", "best", "GFLOP/s", "wGB/s", "x floor", "vs sgemm",
+                       "vs torch"])
 
 
 if __name__ == "__main__":

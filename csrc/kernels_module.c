@@ -5,12 +5,14 @@
  *   rows_f32(data, type, n_out, n_in, r0, r1) -> (r1 - r0, n_in)
  *   row_bytes(type, n_in), crossover(type, transposed=False), set_isa(name), isa(), isas()
  *   Pool(n): a persistent thread pool to pass as `threads` (benchmarks: no thread start-up per call)
+ *   pool_bench(threads, loops, chunks, work_ns, gap_ns): seconds for pool_for loops of busy chunks
  *
  * OpenBLAS is set to one thread at import: the many-rows regime calls sgemm from every pool thread. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <numpy/arrayobject.h>
 #include <string.h>
+#include <time.h>
 
 #include "blas.h"
 #include "matmul.h"
@@ -45,8 +47,9 @@ static void PoolObject_dealloc(PoolObject *self) {
 
 static PyObject *PoolObject_threads(PoolObject *self, void *closure) { return PyLong_FromLong(self->n ? self->n : 1); }
 
-static PyGetSetDef PoolObject_getset[] = {{"threads", (getter)PoolObject_threads, NULL, "threads (the caller included)", NULL},
-                                          {NULL, NULL, NULL, NULL, NULL}};
+static PyGetSetDef PoolObject_getset[] = {
+    {"threads", (getter)PoolObject_threads, NULL, "threads (the caller included)", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
 
 static PyTypeObject PoolType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "factrace._kernels.Pool",
@@ -318,6 +321,46 @@ static PyObject *py_isas(PyObject *mod, PyObject *args) {
     return l;
 }
 
+/* ---- pool latency benchmark: loops of `chunks` chunks of busy work, `gap_ns` of caller work between loops ---- */
+
+static int64_t mono_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void busy(int64_t ns) {
+    for (int64_t t0 = mono_ns(); mono_ns() - t0 < ns;) {
+    }
+}
+
+static void busy_range(void *ctx, int64_t lo, int64_t hi, int tid) { busy((hi - lo) * *(const int64_t *)ctx); }
+
+static PyObject *py_pool_bench(PyObject *mod, PyObject *args) {
+    PyObject *othreads;
+    long long loops, chunks, work_ns, gap_ns;
+    if (!PyArg_ParseTuple(args, "OLLLL", &othreads, &loops, &chunks, &work_ns, &gap_ns)) return NULL;
+    if (loops < 0 || chunks < 0 || work_ns < 0 || gap_ns < 0) {
+        PyErr_SetString(PyExc_ValueError, "pool_bench: loops, chunks, work_ns and gap_ns must be >= 0");
+        return NULL;
+    }
+    Pool *pool;
+    int owned;
+    PoolObject *po;
+    if (get_pool(othreads, &pool, &owned, &po)) return NULL;
+    int64_t t0, t1, w = work_ns;
+    Py_BEGIN_ALLOW_THREADS
+    t0 = mono_ns();
+    for (long long i = 0; i < loops; i++) {
+        pool_for(pool, chunks, 1, busy_range, &w);
+        busy(gap_ns);
+    }
+    t1 = mono_ns();
+    Py_END_ALLOW_THREADS
+    put_pool(pool, owned, po);
+    return PyFloat_FromDouble((double)(t1 - t0) * 1e-9);
+}
+
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_VARARGS | METH_KEYWORDS,
      "matmul(x, data, type, n_out, n_in, bias=None, threads=1, path='auto') -> x @ W.T (+ bias)"},
@@ -325,10 +368,12 @@ static PyMethodDef methods[] = {
      "matmul_t(g, data, type, n_out, n_in, threads=1, path='auto') -> g @ W"},
     {"rows_f32", py_rows_f32, METH_VARARGS, "rows_f32(data, type, n_out, n_in, r0, r1) -> W[r0:r1] as float32"},
     {"row_bytes", py_row_bytes, METH_VARARGS, "row_bytes(type, n_in) -> bytes per row"},
-    {"crossover", py_crossover, METH_VARARGS, "crossover(type, transposed=False) -> smallest N of the many-rows regime"},
+    {"crossover", py_crossover, METH_VARARGS, "crossover(type, transposed=False) -> smallest N of the sgemm regime"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa('avx512' | 'avx2' | 'baseline') (test hook)"},
     {"isa", py_isa, METH_NOARGS, "isa() -> the SIMD variant in use"},
     {"isas", py_isas, METH_NOARGS, "isas() -> the SIMD variants this CPU supports, best first"},
+    {"pool_bench", py_pool_bench, METH_VARARGS,
+     "pool_bench(threads, loops, chunks, work_ns, gap_ns) -> seconds: pool_for loops of busy chunks (benchmark)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "factrace._kernels", "matmul kernels (tests, benchmarks)",

@@ -13,9 +13,11 @@
  *      (panels of weight rows unpacked to float32 and multiplied by single-threaded cblas_sgemm)
  *
  * Exactness: dequantization is the same float32 operations as quant.c in the same order (d*sc rounded
- * first, then d*q, then +m / -m). GCC contracts a*b+c into FMA only with -ffp-contract=fast, which
- * -std=c11 (setup.py) turns off; clang obeys the pragma below. tests/test_matmul_kernels.py checks
- * rows_f32 bit for bit for every variant. FMA is used only in the dot products (summation rounding). */
+ * first, then d*q, then +m / -m). (With f16 scales every product d*sc*q of these formats has at most 23
+ * significant bits, so it is exact and a contracted FMA could not change a value either; -std=c11, as
+ * setup.py compiles, does not contract.) tests/test_matmul_kernels.py checks rows_f32 bit for bit for
+ * every variant, and that one-hot rows of x return the dequantized weights bit for bit from every kernel.
+ * FMA is used in the dot products (summation rounding only). */
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
 #endif
@@ -28,7 +30,7 @@
 #include "blas.h"
 #include "quant.h"
 
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(FACTRACE_NO_SIMD)
 #define MATMUL_X86 1
 #include <immintrin.h>
 #endif
@@ -38,6 +40,15 @@
 
 enum { T_F32 = 0, T_F16 = 1, T_BF16 = 30 };
 enum { DQ_MUL, DQ_ADD, DQ_SUB }; /* y = dl*q, (dl*q) + ml, (dl*q) - ml */
+
+/* Weight bytes the few-rows kernels ask for (into L2) ahead of use: the next tile's rows, a few cache
+ * lines per step, at the pace the current tile is read. The tiles alternate between reading weights and
+ * computing; without this the memory idles while they compute. One thread, 768 -> 3072, no prefetch /
+ * the next tile in one burst / spread over the steps: F32 N = 16 1.36 / 1.26 / 0.98 ms, N = 1 0.60 /
+ * 0.53 / 0.35-0.47 ms; BF16 N = 1 0.44 / 0.26 / 0.27 ms. */
+typedef struct {
+    const uint8_t *p, *end;
+} Ahead;
 
 static int supported(int type) {
     switch (type) {
@@ -95,7 +106,7 @@ static void dequant_base(int type, const uint8_t *row, int64_t k0, int64_t k1, f
 
 /* out[n*ldo + r] = x[n] . w[r] (+ bias[r]) for n < N, r < nr; x: (N, K) */
 static void dot_tile_base(const float *const *w, int nr, const float *x, int64_t N, int64_t K, float *out,
-                          int64_t ldo, const float *bias) {
+                          int64_t ldo, const float *bias, Ahead *ahead) {
     for (int64_t n = 0; n < N; n++) {
         const float *xn = x + n * K;
         for (int r = 0; r < nr; r++) {
@@ -129,13 +140,12 @@ static void axpy_tile_base(const float *const *w, int nr, const float *g, int64_
 /* ------------------------------------------------------------------------------------------ */
 /* 3. x86: block decoders (AVX2 integer ops, shared by both SIMD variants)                     */
 
-/* Each decoder turns one block x into its integers q (block_size of them, each fits int8), the float32
- * scale dl and offset ml of every group of 16 values (the same float32 operations as quant.c), and
- * returns how they combine (DQ_*). */
+/* A GGML block decodes in two parts: block_scales gives the float32 scale dl and offset ml of each group
+ * of 16 values (the same float32 operations as quant.c), block_q32 the small integers q of values
+ * 32s .. 32s+31; they combine as block_op says (DQ_*). With a constant type (and s) everything folds. */
 
 INLINE T256 __m128i load16(const uint8_t *p) { return _mm_loadu_si128((const __m128i *)p); }
 INLINE T256 __m256i load32(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
-INLINE T256 void store32(int8_t *q, __m256i v) { _mm256_storeu_si256((__m256i *)q, v); }
 INLINE T256 __m256i bytes(int v) { return _mm256_set1_epi8((char)v); }
 /* 32 bytes (b >> s) & m (a 16-bit shift; the mask drops the bits from the neighbour byte) */
 INLINE T256 __m256i field(__m256i b, int s, int m) { return _mm256_and_si256(_mm256_srli_epi16(b, s), bytes(m)); }
@@ -153,12 +163,16 @@ INLINE T256 __m256i high_bits(uint32_t qh) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), bytes(0x10));
 }
 
+/* asks for the next n cache lines of *a (into L2) */
+INLINE void ahead_lines(Ahead *a, int n) {
+    for (int i = 0; i < n && a->p < a->end; i++, a->p += 64) _mm_prefetch((const char *)a->p, _MM_HINT_T1);
+}
+
 /* a block's f16 scale -> float32 with F16C (exact; a signaling NaN comes out quiet, which the products
  * that use it would do anyway, so the dequantized values keep quant.c's bits) */
 INLINE T256 float h2f(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
 
-/* block size and bytes of a GGML block type (constants once inlined with a constant type) */
-INLINE int block_size(int type) { return type >= 10 ? 256 : 32; }
+INLINE int block_size(int type) { return type >= 10 && type <= 14 ? 256 : 32; } /* F16/BF16: groups of 32 */
 INLINE int block_bytes(int type) {
     switch (type) {
     case 2: return 18;
@@ -170,167 +184,117 @@ INLINE int block_bytes(int type) {
     case 11: return 110;
     case 12: return 144;
     case 13: return 176;
-    default: return 210;
+    case 14: return 210;
+    default: return 64; /* 32 F16/BF16 values */
     }
 }
-
-/* Q4_0 (18 B): d | qs[16]; q = nibble - 8 (low nibbles first), y = d * q */
-INLINE T256 int decode_q4_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    store32(q, _mm256_sub_epi8(nibbles(load16(x + 2)), bytes(8)));
-    dl[0] = dl[1] = h2f(x);
+/* how q and the scales combine: Q4_1, Q5_1 add an offset, Q2_K, Q4_K, Q5_K subtract one */
+INLINE int block_op(int type) {
+    if (type == 3 || type == 7) return DQ_ADD;
+    if (type == 10 || type == 12 || type == 13) return DQ_SUB;
     return DQ_MUL;
 }
 
-/* Q4_1 (20 B): d | m | qs[16]; y = (d * q) + m */
-INLINE T256 int decode_q4_1(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    store32(q, nibbles(load16(x + 4)));
-    dl[0] = dl[1] = h2f(x);
-    ml[0] = ml[1] = h2f(x + 2);
-    return DQ_ADD;
+INLINE uint32_t ld32(const uint8_t *p) { /* little-endian, like the format (x86 only) */
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
 
-/* Q5_0 (22 B): d | qh u32 (bit i: high bit of value i) | qs[16]; y = d * (q - 16) */
-INLINE T256 int decode_q5_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    __m256i v = _mm256_or_si256(nibbles(load16(x + 6)), high_bits(rd32(x + 2)));
-    store32(q, _mm256_sub_epi8(v, bytes(16)));
-    dl[0] = dl[1] = h2f(x);
-    return DQ_MUL;
+/* y[i] = d * (float)b[i], i < 16 (bytes b signed or not) */
+INLINE T256 void scale_bytes(float *y, float d, __m128i b, const int is_signed) {
+    __m256 vd = _mm256_set1_ps(d);
+    __m256i lo = is_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+    __m256i hi = is_signed ? _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)) : _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+    _mm256_storeu_ps(y, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(lo)));
+    _mm256_storeu_ps(y + 8, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(hi)));
 }
 
-/* Q5_1 (24 B): d | m | qh u32 | qs[16]; y = (d * q) + m */
-INLINE T256 int decode_q5_1(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    store32(q, _mm256_or_si256(nibbles(load16(x + 8)), high_bits(rd32(x + 4))));
-    dl[0] = dl[1] = h2f(x);
-    ml[0] = ml[1] = h2f(x + 2);
-    return DQ_ADD;
-}
-
-/* Q8_0 (34 B): d | qs int8[32]; y = q * d */
-INLINE T256 int decode_q8_0(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    store32(q, load32(x + 2));
-    dl[0] = dl[1] = h2f(x);
-    return DQ_MUL;
-}
-
-/* Q2_K (84 B): scales[16] (lo 4 bits scale, hi 4 bits min) | qs[64] | d | dmin.
- * Value j*128 + s*32 + l: q = (qs[j*32+l] >> 2s) & 3; group g = value/16: y = (d*sc_g) * q - (dmin*m_g) */
-INLINE T256 int decode_q2_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    const uint8_t *sc = x;
-    float d = h2f(x + 80), dmin = h2f(x + 82);
-    for (int g = 0; g < 16; g++) {
-        dl[g] = d * (float)(sc[g] & 15);
-        ml[g] = dmin * (float)(sc[g] >> 4);
-    }
-    for (int j = 0; j < 2; j++) {
-        __m256i b = load32(x + 16 + j * 32);
-        for (int s = 0; s < 4; s++) store32(q + j * 128 + s * 32, field(b, 2 * s, 3));
-    }
-    return DQ_SUB;
-}
-
-/* Q3_K (110 B): hmask[32] | qs[64] | scales[12] (16 x 6 bits) | d.
- * Value j*128 + s*32 + l: q = ((qs[j*32+l] >> 2s) & 3) - (bit j*4+s of hmask[l] ? 0 : 4),
- * y = (d * (sc_g - 32)) * q */
-INLINE T256 int decode_q3_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    const uint8_t *sc = x + 96;
-    float d = h2f(x + 108);
-    for (int i = 0; i < 16; i++) {
-        int lo = (sc[i % 8] >> (4 * (i / 8))) & 15;
-        int hi = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
-        dl[i] = d * (float)((lo | (hi << 4)) - 32);
-    }
-    __m256i hm = load32(x);
-    for (int j = 0; j < 2; j++) {
-        __m256i b = load32(x + 32 + j * 32);
-        for (int s = 0; s < 4; s++) {
-            __m256i clear = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bytes(1 << (j * 4 + s))), _mm256_setzero_si256());
-            store32(q + j * 128 + s * 32, _mm256_sub_epi8(field(b, 2 * s, 3), _mm256_and_si256(clear, bytes(4))));
-        }
-    }
-    return DQ_MUL;
-}
-
-/* 8 x 6-bit scales and mins of Q4_K / Q5_K from 12 packed bytes */
-INLINE void scale_min_k4(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
-    for (int k = 0; k < 4; k++) {
-        sc[k] = s[k] & 63;
-        mn[k] = s[4 + k] & 63;
-        sc[4 + k] = (uint8_t)((s[8 + k] & 15) | ((s[k] >> 2) & 0x30));
-        mn[4 + k] = (uint8_t)((s[8 + k] >> 4) | ((s[4 + k] >> 2) & 0x30));
-    }
-}
-
-/* scales of Q4_K / Q5_K: groups of 32 -> dl, ml per 16 */
-INLINE T256 void scales_k4(const uint8_t *x, float *dl, float *ml) {
-    float d = h2f(x), dmin = h2f(x + 2);
-    uint8_t sc[8], mn[8];
-    scale_min_k4(x + 4, sc, mn);
-    for (int g = 0; g < 8; g++) {
-        dl[2 * g] = dl[2 * g + 1] = d * (float)sc[g];
-        ml[2 * g] = ml[2 * g + 1] = dmin * (float)mn[g];
-    }
-}
-
-/* Q4_K (144 B): d | dmin | scales[12] | qs[128]. Value g*32 + l: q = (qs[(g/2)*32+l] >> 4(g%2)) & 15,
- * y = (d*sc_g) * q - (dmin*m_g) */
-INLINE T256 int decode_q4_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    scales_k4(x, dl, ml);
-    for (int j = 0; j < 4; j++) {
-        __m256i b = load32(x + 16 + j * 32);
-        store32(q + j * 64, field(b, 0, 15));
-        store32(q + j * 64 + 32, field(b, 4, 15));
-    }
-    return DQ_SUB;
-}
-
-/* Q5_K (176 B): d | dmin | scales[12] | qh[32] | qs[128]; as Q4_K with q |= ((qh[l] >> g) & 1) << 4 */
-INLINE T256 int decode_q5_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    scales_k4(x, dl, ml);
-    __m256i qh = load32(x + 16);
-    for (int j = 0; j < 4; j++) {
-        __m256i b = load32(x + 48 + j * 32);
-        __m256i h0 = _mm256_slli_epi16(field(qh, 2 * j, 1), 4), h1 = _mm256_slli_epi16(field(qh, 2 * j + 1, 1), 4);
-        store32(q + j * 64, _mm256_or_si256(field(b, 0, 15), h0));
-        store32(q + j * 64 + 32, _mm256_or_si256(field(b, 4, 15), h1));
-    }
-    return DQ_SUB;
-}
-
-/* Q6_K (210 B): ql[128] | qh[64] | scales int8[16] | d. Value j*128 + t*32 + l:
- * q = ((ql[j*64 + (t%2)*32 + l] >> 4(t/2)) & 15 | ((qh[j*32+l] >> 2t) & 3) << 4) - 32, y = (d*sc_g) * q */
-INLINE T256 int decode_q6_k(const uint8_t *x, int8_t *q, float *dl, float *ml) {
-    const int8_t *sc = (const int8_t *)(x + 192);
-    float d = h2f(x + 208);
-    for (int i = 0; i < 16; i++) dl[i] = d * (float)sc[i];
-    for (int j = 0; j < 2; j++) {
-        __m256i h = load32(x + 128 + j * 32);
-        for (int t = 0; t < 4; t++) {
-            __m256i lo = field(load32(x + j * 64 + (t % 2) * 32), 4 * (t / 2), 15);
-            __m256i hi = _mm256_slli_epi16(field(h, 2 * t, 3), 4);
-            store32(q + j * 128 + t * 32, _mm256_sub_epi8(_mm256_or_si256(lo, hi), bytes(32)));
-        }
-    }
-    return DQ_MUL;
-}
-
-INLINE T256 int decode_block(int type, const uint8_t *x, int8_t *q, float *dl, float *ml) {
+/* dl[g], ml[g]: scale and offset of values 16g .. 16g+15 of block x (F16, BF16: none), each d * sc
+ * rounded to float32 as quant.c does (the bit fields unpacked 4 or 8 bytes at a time) */
+INLINE T256 void block_scales(const int type, const uint8_t *x, float *dl, float *ml) {
     switch (type) {
-    case 2: return decode_q4_0(x, q, dl, ml);
-    case 3: return decode_q4_1(x, q, dl, ml);
-    case 6: return decode_q5_0(x, q, dl, ml);
-    case 7: return decode_q5_1(x, q, dl, ml);
-    case 8: return decode_q8_0(x, q, dl, ml);
-    case 10: return decode_q2_k(x, q, dl, ml);
-    case 11: return decode_q3_k(x, q, dl, ml);
-    case 12: return decode_q4_k(x, q, dl, ml);
-    case 13: return decode_q5_k(x, q, dl, ml);
-    default: return decode_q6_k(x, q, dl, ml);
+    case T_F16: case T_BF16:
+        break;
+    case 2: case 6: case 8: /* Q4_0, Q5_0, Q8_0: d first; y = d * q */
+        dl[0] = dl[1] = h2f(x);
+        break;
+    case 3: case 7: /* Q4_1, Q5_1: d | m first; y = (d * q) + m */
+        dl[0] = dl[1] = h2f(x);
+        ml[0] = ml[1] = h2f(x + 2);
+        break;
+    case 10: { /* Q2_K: scales[16] (lo 4 bits scale, hi 4 bits min) at 0, d at 80, dmin at 82 */
+        __m128i b = load16(x), m = _mm_set1_epi8(15);
+        scale_bytes(dl, h2f(x + 80), _mm_and_si128(b, m), 0);
+        scale_bytes(ml, h2f(x + 82), _mm_and_si128(_mm_srli_epi16(b, 4), m), 0);
+        break;
+    }
+    case 11: { /* Q3_K: 16 6-bit scales at 96 (low 4 bits: bytes 0-7, low then high nibbles; high 2 bits:
+                * bytes 8-11, 2 bits at a time), d at 108; dl = d * (sc - 32) */
+        uint64_t a = (uint64_t)ld32(x + 96) | (uint64_t)ld32(x + 100) << 32, c = ld32(x + 104);
+        uint64_t h01 = (c & 0x03030303u) | ((c >> 2) & 0x03030303u) << 32;
+        uint64_t h23 = ((c >> 4) & 0x03030303u) | ((c >> 6) & 0x03030303u) << 32;
+        __m128i sc = _mm_set_epi64x((long long)(((a >> 4) & 0x0f0f0f0f0f0f0f0full) | h23 << 4),
+                                    (long long)((a & 0x0f0f0f0f0f0f0f0full) | h01 << 4));
+        scale_bytes(dl, h2f(x + 108), _mm_sub_epi8(sc, _mm_set1_epi8(32)), 1);
+        break;
+    }
+    case 12: case 13: { /* Q4_K, Q5_K: d, dmin, then 12 bytes of 6-bit scales and mins, one per 32 values:
+                         * scale g < 4 = s[g] & 63, scale g+4 = (s[8+g] & 15) | (s[g] >> 6) << 4, mins
+                         * likewise from s[4+g] and the high nibbles of s[8+g] */
+        uint32_t a = ld32(x + 4), b = ld32(x + 8), c = ld32(x + 12);
+        uint64_t sc = (a & 0x3f3f3f3fu) | (uint64_t)((c & 0x0f0f0f0fu) | ((a >> 2) & 0x30303030u)) << 32;
+        uint64_t mn = (b & 0x3f3f3f3fu) | (uint64_t)(((c >> 4) & 0x0f0f0f0fu) | ((b >> 2) & 0x30303030u)) << 32;
+        __m128i s8 = _mm_cvtsi64_si128((long long)sc), m8 = _mm_cvtsi64_si128((long long)mn);
+        scale_bytes(dl, h2f(x), _mm_unpacklo_epi8(s8, s8), 0); /* each twice: groups of 16 */
+        scale_bytes(ml, h2f(x + 2), _mm_unpacklo_epi8(m8, m8), 0);
+        break;
+    }
+    case 14: /* Q6_K: int8 scales[16] at 192, d at 208 */
+        scale_bytes(dl, h2f(x + 208), load16(x + 192), 1);
+        break;
+    }
+}
+
+/* q of values 32s .. 32s+31 of block x */
+INLINE T256 __m256i block_q32(const int type, const uint8_t *x, const int s) {
+    switch (type) {
+    case 2: /* Q4_0 (18 B): d | qs[16]; q = nibble - 8, low nibbles first */
+        return _mm256_sub_epi8(nibbles(load16(x + 2)), bytes(8));
+    case 3: /* Q4_1 (20 B): d | m | qs[16] */
+        return nibbles(load16(x + 4));
+    case 6: /* Q5_0 (22 B): d | qh u32 (bit i: high bit of value i) | qs[16]; q = (nibble | high << 4) - 16 */
+        return _mm256_sub_epi8(_mm256_or_si256(nibbles(load16(x + 6)), high_bits(rd32(x + 2))), bytes(16));
+    case 7: /* Q5_1 (24 B): d | m | qh u32 | qs[16] */
+        return _mm256_or_si256(nibbles(load16(x + 8)), high_bits(rd32(x + 4)));
+    case 8: /* Q8_0 (34 B): d | qs int8[32] */
+        return load32(x + 2);
+    case 10: /* Q2_K (84 B): scales[16] | qs[64] | d | dmin. Value j*128 + s'*32 + l: (qs[j*32+l] >> 2s') & 3 */
+        return field(load32(x + 16 + (s / 4) * 32), 2 * (s % 4), 3);
+    case 11: { /* Q3_K (110 B): hmask[32] | qs[64] | scales[12] | d. Value j*128 + s'*32 + l:
+                * ((qs[j*32+l] >> 2s') & 3) - (bit j*4+s' of hmask[l] ? 0 : 4) */
+        __m256i hm = _mm256_and_si256(load32(x), bytes(1 << s));
+        __m256i clear = _mm256_cmpeq_epi8(hm, _mm256_setzero_si256());
+        return _mm256_sub_epi8(field(load32(x + 32 + (s / 4) * 32), 2 * (s % 4), 3), _mm256_and_si256(clear, bytes(4)));
+    }
+    case 12: /* Q4_K (144 B): d | dmin | scales[12] | qs[128]. Value 32s + l: (qs[(s/2)*32+l] >> 4(s%2)) & 15 */
+        return field(load32(x + 16 + (s / 2) * 32), 4 * (s % 2), 15);
+    case 13: /* Q5_K (176 B): d | dmin | scales[12] | qh[32] | qs[128]: as Q4_K | ((qh[l] >> s) & 1) << 4 */
+        return _mm256_or_si256(field(load32(x + 48 + (s / 2) * 32), 4 * (s % 2), 15),
+                               _mm256_slli_epi16(field(load32(x + 16), s, 1), 4));
+    case 14:
+    default: { /* Q6_K (210 B): ql[128] | qh[64] | scales[16] | d. Value j*128 + t*32 + l (s = 4j + t):
+                * ((ql[j*64 + (t%2)*32 + l] >> 4(t/2)) & 15 | ((qh[j*32+l] >> 2t) & 3) << 4) - 32 */
+        int j = s / 4, t = s % 4;
+        __m256i lo = field(load32(x + j * 64 + (t % 2) * 32), 4 * (t / 2), 15);
+        __m256i hi = _mm256_slli_epi16(field(load32(x + 128 + j * 32), 2 * t, 3), 4);
+        return _mm256_sub_epi8(_mm256_or_si256(lo, hi), bytes(32));
+    }
     }
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* 3a. AVX-512 (F, BW, VL, DQ) + FMA + F16C                                                    */
-
 
 /* F16 -> F32 with vcvtph2ps; inf/NaN lanes rebuilt by bits (the instruction quiets signaling NaNs,
  * quant.c keeps the payload as is) */
@@ -365,24 +329,44 @@ T512 static void bf16_row_512(const uint8_t *x, float *y, int64_t n) {
     }
 }
 
-/* y (n, a multiple of 16) = combine(dl[i/16], q[i], ml[i/16]) */
-INLINE T512 void scale_512(const int8_t *q, const float *dl, const float *ml, const int op, const int n, float *y) {
-#pragma GCC unroll 16
-    for (int i = 0; i < n; i += 16) {
-        __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i))));
-        v = _mm512_mul_ps(_mm512_set1_ps(dl[i >> 4]), v);
-        if (op == DQ_ADD) v = _mm512_add_ps(v, _mm512_set1_ps(ml[i >> 4]));
-        if (op == DQ_SUB) v = _mm512_sub_ps(v, _mm512_set1_ps(ml[i >> 4]));
-        _mm512_storeu_ps(y + i, v);
+/* 16 int8 q -> (dl * q) (+ or - ml), the product rounded first */
+INLINE T512 __m512 scale16_512(__m128i q, const float *dl, const float *ml, const int op) {
+    __m512 v = _mm512_mul_ps(_mm512_set1_ps(*dl), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
+    if (op == DQ_ADD) v = _mm512_add_ps(v, _mm512_set1_ps(*ml));
+    if (op == DQ_SUB) v = _mm512_sub_ps(v, _mm512_set1_ps(*ml));
+    return v;
+}
+
+/* values 32s .. 32s+31 of one block x (or of 32 F16/BF16 values) -> w[0], w[1] */
+INLINE T512 void block_w32_512(const int type, const uint8_t *x, const int s, const float *dl, const float *ml,
+                                __m512 w[2]) {
+    if (type == T_F16 || type == T_BF16) {
+#pragma GCC unroll 2
+        for (int i = 0; i < 2; i++) {
+            __m256i h = _mm256_loadu_si256((const __m256i *)(x + 32 * i));
+            w[i] = type == T_F16 ? _mm512_cvtph_ps(h)
+                                 : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        }
+    } else {
+        __m256i q = block_q32(type, x, s);
+        w[0] = scale16_512(_mm256_castsi256_si128(q), dl + 2 * s, ml + 2 * s, block_op(type));
+        w[1] = scale16_512(_mm256_extracti128_si256(q, 1), dl + 2 * s + 1, ml + 2 * s + 1, block_op(type));
     }
 }
 
 /* nb blocks of `type` (a constant once inlined) -> y (nb * block_size) */
 INLINE T512 void blocks_512(const int type, const uint8_t *x, int64_t nb, float *y) {
-    int8_t q[256];
     float dl[16], ml[16];
-    for (int64_t b = 0; b < nb; b++, x += block_bytes(type), y += block_size(type))
-        scale_512(q, dl, ml, decode_block(type, x, q, dl, ml), block_size(type), y);
+    for (int64_t b = 0; b < nb; b++, x += block_bytes(type), y += block_size(type)) {
+        block_scales(type, x, dl, ml);
+#pragma GCC unroll 8
+        for (int s = 0; s < block_size(type) / 32; s++) {
+            __m512 w[2];
+            block_w32_512(type, x, s, dl, ml, w);
+            _mm512_storeu_ps(y + 32 * s, w[0]);
+            _mm512_storeu_ps(y + 32 * s + 16, w[1]);
+        }
+    }
 }
 
 T512 static void dequant_512(int type, const uint8_t *row, int64_t k0, int64_t k1, float *y) {
@@ -414,20 +398,32 @@ INLINE T512 __m256 half_512(__m512 a) {
     return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
 }
 
+/* out[c*ldo + r] = the sum of acc[c][r] (+ bias[r]) for c < NC, r < nr */
+INLINE T512 void store_sums_512(__m512 (*acc)[4], const int NC, int nr, float *out, int64_t ldo, const float *bias) {
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; c++) {
+        __mmask8 m = (__mmask8)((1u << nr) - 1);
+        __m128 sums = hsum4_256(half_512(acc[c][0]), half_512(acc[c][1]), half_512(acc[c][2]), half_512(acc[c][3]));
+        if (bias) sums = _mm_add_ps(sums, _mm_maskz_loadu_ps(m, bias));
+        _mm_mask_storeu_ps(out + c * ldo, m, sums);
+    }
+}
+
 /* out[c*ldo + r] = x[c] . w[r] (+ bias[r]) for c < NC (<= 6), r < nr; x rows K apart.
  * 4 x NC accumulators: per 16 values 4 + NC loads feed 4*NC FMAs. */
 INLINE T512 void dot_block_512(const float *const *w, int nr, const float *x, int64_t K, const int NC, float *out,
-                                int64_t ldo, const float *bias) {
+                                int64_t ldo, const float *bias, Ahead *ahead) {
     __m512 acc[6][4];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int c = 0; c < NC; c++)
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < 4; r++) acc[c][r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) { /* the last step masked (F32/F16/BF16 widths) */
         __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        ahead_lines(ahead, 4); /* what this step reads of 4 F32 rows */
         __m512 w0 = _mm512_maskz_loadu_ps(m, w[0] + k), w1 = _mm512_maskz_loadu_ps(m, w[1] + k);
         __m512 w2 = _mm512_maskz_loadu_ps(m, w[2] + k), w3 = _mm512_maskz_loadu_ps(m, w[3] + k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NC; c++) {
             __m512 xv = _mm512_maskz_loadu_ps(m, x + c * K + k);
             acc[c][0] = _mm512_fmadd_ps(w0, xv, acc[c][0]);
@@ -436,60 +432,117 @@ INLINE T512 void dot_block_512(const float *const *w, int nr, const float *x, in
             acc[c][3] = _mm512_fmadd_ps(w3, xv, acc[c][3]);
         }
     }
-    #pragma GCC unroll 8
-    for (int c = 0; c < NC; c++) {
-        float s[4];
-        _mm_storeu_ps(s, hsum4_256(half_512(acc[c][0]), half_512(acc[c][1]), half_512(acc[c][2]),
-                                   half_512(acc[c][3])));
-        #pragma GCC unroll 8
-        for (int r = 0; r < nr; r++) out[c * ldo + r] = bias ? s[r] + bias[r] : s[r];
-    }
+    store_sums_512(acc, NC, nr, out, ldo, bias);
 }
 
 T512 static void dot_tile_512(const float *const *w, int nr, const float *x, int64_t N, int64_t K, float *out,
-                              int64_t ldo, const float *bias) {
+                              int64_t ldo, const float *bias, Ahead *ahead) {
     int64_t n = 0;
-    for (; n + 6 <= N; n += 6) dot_block_512(w, nr, x + n * K, K, 6, out + n * ldo, ldo, bias);
+    for (; n + 6 <= N; n += 6) dot_block_512(w, nr, x + n * K, K, 6, out + n * ldo, ldo, bias, ahead);
     const float *xn = x + n * K;
     float *on = out + n * ldo;
     switch (N - n) {
-    case 5: dot_block_512(w, nr, xn, K, 5, on, ldo, bias); break;
-    case 4: dot_block_512(w, nr, xn, K, 4, on, ldo, bias); break;
-    case 3: dot_block_512(w, nr, xn, K, 3, on, ldo, bias); break;
-    case 2: dot_block_512(w, nr, xn, K, 2, on, ldo, bias); break;
-    case 1: dot_block_512(w, nr, xn, K, 1, on, ldo, bias); break;
+    case 5: dot_block_512(w, nr, xn, K, 5, on, ldo, bias, ahead); break;
+    case 4: dot_block_512(w, nr, xn, K, 4, on, ldo, bias, ahead); break;
+    case 3: dot_block_512(w, nr, xn, K, 3, on, ldo, bias, ahead); break;
+    case 2: dot_block_512(w, nr, xn, K, 2, on, ldo, bias, ahead); break;
+    case 1: dot_block_512(w, nr, xn, K, 1, on, ldo, bias, ahead); break;
     default: break;
     }
 }
 
+/* out[c*ldo + r] = x[c] . W_r (+ bias[r]) for c < NC (<= 4), r < nr: the 4 rows (raw `type` blocks, or
+ * F16/BF16 values; rows beyond nr repeat row 0) are dequantized in registers 32 values at a time */
+INLINE T512 void dotq_block_512(const int type, const uint8_t *const *row, int nr, const float *x, int64_t K,
+                                 const int NC, float *out, int64_t ldo, const float *bias, Ahead *ahead) {
+    __m512 acc[4][4];
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; c++)
+#pragma GCC unroll 8
+        for (int r = 0; r < 4; r++) acc[c][r] = _mm512_setzero_ps();
+    for (int64_t k0 = 0, off = 0; k0 < K; k0 += block_size(type), off += block_bytes(type)) {
+        float dl[4][16], ml[4][16];
+        ahead_lines(ahead, (4 * block_bytes(type) + 63) / 64); /* what this step reads of 4 rows */
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) block_scales(type, row[r] + off, dl[r], ml[r]);
+#pragma GCC unroll 8
+        for (int s = 0; s < block_size(type) / 32; s++) {
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                __m512 w[2];
+                block_w32_512(type, row[r] + off, s, dl[r], ml[r], w);
+#pragma GCC unroll 4
+                for (int c = 0; c < NC; c++) {
+                    const float *xc = x + c * K + k0 + 32 * s;
+                    acc[c][r] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xc), acc[c][r]);
+                    acc[c][r] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xc + 16), acc[c][r]);
+                }
+            }
+        }
+    }
+    store_sums_512(acc, NC, nr, out, ldo, bias);
+}
+
+INLINE T512 void dotq_rows_512(const int type, const uint8_t *const *row, int nr, const float *x, int64_t N,
+                                int64_t K, float *out, int64_t ldo, const float *bias, Ahead *ahead) {
+    switch (N) {
+    case 4: dotq_block_512(type, row, nr, x, K, 4, out, ldo, bias, ahead); break;
+    case 3: dotq_block_512(type, row, nr, x, K, 3, out, ldo, bias, ahead); break;
+    case 2: dotq_block_512(type, row, nr, x, K, 2, out, ldo, bias, ahead); break;
+    default: dotq_block_512(type, row, nr, x, K, 1, out, ldo, bias, ahead); break;
+    }
+}
+
+/* out (N <= 4, nr) = x (N, K) @ W_rows^T (+ bias), weights dequantized in registers (K: block multiple) */
+T512 static void dotq_tile_512(int type, const uint8_t *const *row, int nr, const float *x, int64_t N, int64_t K,
+                               float *out, int64_t ldo, const float *bias, Ahead *ahead) {
+    switch (type) {
+    case 1: dotq_rows_512(1, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 30: dotq_rows_512(30, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 2: dotq_rows_512(2, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 3: dotq_rows_512(3, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 6: dotq_rows_512(6, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 7: dotq_rows_512(7, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 8: dotq_rows_512(8, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 10: dotq_rows_512(10, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 11: dotq_rows_512(11, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 12: dotq_rows_512(12, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 13: dotq_rows_512(13, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    default: dotq_rows_512(14, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    }
+}
+
 /* out[c*ldo + k] += sum_{r < NR} g[c*ldg + r] * w[r][k] for c < NC (<= 4), k < K */
-INLINE T512 void axpy_block_512(const float *const *w, const int NR, const float *g, int64_t ldg, const int NC,
+INLINE T512 void axpy_block_512(const float *const *w_, const int NR, const float *g, int64_t ldg, const int NC,
                                  int64_t K, float *out, int64_t ldo) {
     __m512 gv[4][4], wv[4];
-    #pragma GCC unroll 8
+    const float *w[4]; /* a local copy: the stores to out could alias w_ */
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; r++) w[r] = w_[r];
+#pragma GCC unroll 8
     for (int c = 0; c < NC; c++)
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < NR; r++) gv[c][r] = _mm512_set1_ps(g[c * ldg + r]);
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < NR; r++) wv[r] = _mm512_loadu_ps(w[r] + k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NC; c++) {
             __m512 o = _mm512_loadu_ps(out + c * ldo + k);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int r = 0; r < NR; r++) o = _mm512_fmadd_ps(gv[c][r], wv[r], o);
             _mm512_storeu_ps(out + c * ldo + k, o);
         }
     }
     if (k < K) {
         __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_ps(m, w[r] + k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NC; c++) {
             __m512 o = _mm512_maskz_loadu_ps(m, out + c * ldo + k);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int r = 0; r < NR; r++) o = _mm512_fmadd_ps(gv[c][r], wv[r], o);
             _mm512_mask_storeu_ps(out + c * ldo + k, m, o);
         }
@@ -554,22 +607,46 @@ T256 static void bf16_row_256(const uint8_t *x, float *y, int64_t n) {
     }
 }
 
-INLINE T256 void scale_256(const int8_t *q, const float *dl, const float *ml, const int op, const int n, float *y) {
-#pragma GCC unroll 32
-    for (int i = 0; i < n; i += 8) {
-        __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + i))));
-        v = _mm256_mul_ps(_mm256_set1_ps(dl[i >> 4]), v);
-        if (op == DQ_ADD) v = _mm256_add_ps(v, _mm256_set1_ps(ml[i >> 4]));
-        if (op == DQ_SUB) v = _mm256_sub_ps(v, _mm256_set1_ps(ml[i >> 4]));
-        _mm256_storeu_ps(y + i, v);
+/* 8 int8 q (the low 8 bytes) -> (dl * q) (+ or - ml) */
+INLINE T256 __m256 scale8_256(__m128i q, const float *dl, const float *ml, const int op) {
+    __m256 v = _mm256_mul_ps(_mm256_set1_ps(*dl), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+    if (op == DQ_ADD) v = _mm256_add_ps(v, _mm256_set1_ps(*ml));
+    if (op == DQ_SUB) v = _mm256_sub_ps(v, _mm256_set1_ps(*ml));
+    return v;
+}
+
+/* values 32s .. 32s+31 of one block x (or of 32 F16/BF16 values) -> w[0..3] */
+INLINE T256 void block_w32_256(const int type, const uint8_t *x, const int s, const float *dl, const float *ml,
+                                __m256 w[4]) {
+    if (type == T_F16 || type == T_BF16) {
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++) {
+            __m128i h = _mm_loadu_si128((const __m128i *)(x + 16 * i));
+            w[i] = type == T_F16 ? _mm256_cvtph_ps(h)
+                                 : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        }
+    } else {
+        __m256i q = block_q32(type, x, s);
+        __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+        w[0] = scale8_256(lo, dl + 2 * s, ml + 2 * s, block_op(type));
+        w[1] = scale8_256(_mm_unpackhi_epi64(lo, lo), dl + 2 * s, ml + 2 * s, block_op(type));
+        w[2] = scale8_256(hi, dl + 2 * s + 1, ml + 2 * s + 1, block_op(type));
+        w[3] = scale8_256(_mm_unpackhi_epi64(hi, hi), dl + 2 * s + 1, ml + 2 * s + 1, block_op(type));
     }
 }
 
 INLINE T256 void blocks_256(const int type, const uint8_t *x, int64_t nb, float *y) {
-    int8_t q[256];
     float dl[16], ml[16];
-    for (int64_t b = 0; b < nb; b++, x += block_bytes(type), y += block_size(type))
-        scale_256(q, dl, ml, decode_block(type, x, q, dl, ml), block_size(type), y);
+    for (int64_t b = 0; b < nb; b++, x += block_bytes(type), y += block_size(type)) {
+        block_scales(type, x, dl, ml);
+#pragma GCC unroll 8
+        for (int s = 0; s < block_size(type) / 32; s++) {
+            __m256 w[4];
+            block_w32_256(type, x, s, dl, ml, w);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + 32 * s + 8 * i, w[i]);
+        }
+    }
 }
 
 T256 static void dequant_256(int type, const uint8_t *row, int64_t k0, int64_t k1, float *y) {
@@ -597,19 +674,31 @@ INLINE T256 __m128 hsum4_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
+/* out[c*ldo + r] = the sum of acc[c][r] (+ bias[r]) for c < NC, r < nr */
+INLINE T256 void store_sums_256(__m256 (*acc)[4], const int NC, int nr, float *out, int64_t ldo, const float *bias) {
+    __m128i m = _mm_loadu_si128((const __m128i *)(TAIL_MASK + 8 - nr));
+#pragma GCC unroll 2
+    for (int c = 0; c < NC; c++) {
+        __m128 sums = hsum4_avx2(acc[c][0], acc[c][1], acc[c][2], acc[c][3]);
+        if (bias) sums = _mm_add_ps(sums, _mm_maskload_ps(bias, m));
+        _mm_maskstore_ps(out + c * ldo, m, sums);
+    }
+}
+
 /* out[c*ldo + r] = x[c] . w[r] (+ bias[r]) for c < NC (<= 2), r < nr (16 registers: 8 accumulators) */
 INLINE T256 void dot_block_256(const float *const *w, int nr, const float *x, int64_t K, const int NC, float *out,
-                                int64_t ldo, const float *bias) {
+                                int64_t ldo, const float *bias, Ahead *ahead) {
     __m256 acc[2][4];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int c = 0; c < NC; c++)
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < 4; r++) acc[c][r] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
+        ahead_lines(ahead, 2);
         __m256 w0 = _mm256_loadu_ps(w[0] + k), w1 = _mm256_loadu_ps(w[1] + k);
         __m256 w2 = _mm256_loadu_ps(w[2] + k), w3 = _mm256_loadu_ps(w[3] + k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NC; c++) {
             __m256 xv = _mm256_loadu_ps(x + c * K + k);
             acc[c][0] = _mm256_fmadd_ps(w0, xv, acc[c][0]);
@@ -622,7 +711,7 @@ INLINE T256 void dot_block_256(const float *const *w, int nr, const float *x, in
         __m256i m = tail_mask_256(K - k);
         __m256 w0 = _mm256_maskload_ps(w[0] + k, m), w1 = _mm256_maskload_ps(w[1] + k, m);
         __m256 w2 = _mm256_maskload_ps(w[2] + k, m), w3 = _mm256_maskload_ps(w[3] + k, m);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NC; c++) {
             __m256 xv = _mm256_maskload_ps(x + c * K + k, m);
             acc[c][0] = _mm256_fmadd_ps(w0, xv, acc[c][0]);
@@ -631,50 +720,103 @@ INLINE T256 void dot_block_256(const float *const *w, int nr, const float *x, in
             acc[c][3] = _mm256_fmadd_ps(w3, xv, acc[c][3]);
         }
     }
-    #pragma GCC unroll 8
-    for (int c = 0; c < NC; c++) {
-        float s[4];
-        _mm_storeu_ps(s, hsum4_avx2(acc[c][0], acc[c][1], acc[c][2], acc[c][3]));
-        #pragma GCC unroll 8
-        for (int r = 0; r < nr; r++) out[c * ldo + r] = bias ? s[r] + bias[r] : s[r];
-    }
+    store_sums_256(acc, NC, nr, out, ldo, bias);
 }
 
 T256 static void dot_tile_256(const float *const *w, int nr, const float *x, int64_t N, int64_t K, float *out,
-                              int64_t ldo, const float *bias) {
+                              int64_t ldo, const float *bias, Ahead *ahead) {
     int64_t n = 0;
-    for (; n + 2 <= N; n += 2) dot_block_256(w, nr, x + n * K, K, 2, out + n * ldo, ldo, bias);
-    if (n < N) dot_block_256(w, nr, x + n * K, K, 1, out + n * ldo, ldo, bias);
+    for (; n + 2 <= N; n += 2) dot_block_256(w, nr, x + n * K, K, 2, out + n * ldo, ldo, bias, ahead);
+    if (n < N) dot_block_256(w, nr, x + n * K, K, 1, out + n * ldo, ldo, bias, ahead);
+}
+
+/* out[c*ldo + r] = x[c] . W_r (+ bias[r]) for c < NC (<= 2), r < nr, weights dequantized in registers */
+INLINE T256 void dotq_block_256(const int type, const uint8_t *const *row, int nr, const float *x, int64_t K,
+                                 const int NC, float *out, int64_t ldo, const float *bias, Ahead *ahead) {
+    __m256 acc[2][4];
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; c++)
+#pragma GCC unroll 8
+        for (int r = 0; r < 4; r++) acc[c][r] = _mm256_setzero_ps();
+    for (int64_t k0 = 0, off = 0; k0 < K; k0 += block_size(type), off += block_bytes(type)) {
+        float dl[4][16], ml[4][16];
+        ahead_lines(ahead, (4 * block_bytes(type) + 63) / 64); /* what this step reads of 4 rows */
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) block_scales(type, row[r] + off, dl[r], ml[r]);
+#pragma GCC unroll 8
+        for (int s = 0; s < block_size(type) / 32; s++) {
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                __m256 w[4];
+                block_w32_256(type, row[r] + off, s, dl[r], ml[r], w);
+#pragma GCC unroll 2
+                for (int c = 0; c < NC; c++) {
+                    const float *xc = x + c * K + k0 + 32 * s;
+#pragma GCC unroll 4
+                    for (int i = 0; i < 4; i++)
+                        acc[c][r] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xc + 8 * i), acc[c][r]);
+                }
+            }
+        }
+    }
+    store_sums_256(acc, NC, nr, out, ldo, bias);
+}
+
+INLINE T256 void dotq_rows_256(const int type, const uint8_t *const *row, int nr, const float *x, int64_t N,
+                                int64_t K, float *out, int64_t ldo, const float *bias, Ahead *ahead) {
+    if (N == 2) dotq_block_256(type, row, nr, x, K, 2, out, ldo, bias, ahead);
+    else dotq_block_256(type, row, nr, x, K, 1, out, ldo, bias, ahead);
+}
+
+T256 static void dotq_tile_256(int type, const uint8_t *const *row, int nr, const float *x, int64_t N, int64_t K,
+                               float *out, int64_t ldo, const float *bias, Ahead *ahead) {
+    switch (type) {
+    case 1: dotq_rows_256(1, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 30: dotq_rows_256(30, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 2: dotq_rows_256(2, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 3: dotq_rows_256(3, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 6: dotq_rows_256(6, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 7: dotq_rows_256(7, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 8: dotq_rows_256(8, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 10: dotq_rows_256(10, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 11: dotq_rows_256(11, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 12: dotq_rows_256(12, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    case 13: dotq_rows_256(13, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    default: dotq_rows_256(14, row, nr, x, N, K, out, ldo, bias, ahead); break;
+    }
 }
 
 /* out[c*ldo + k] += sum_{r < NR} g[c*ldg + r] * w[r][k] for c < NC (<= 2), k < K */
-INLINE T256 void axpy_block_256(const float *const *w, const int NR, const float *g, int64_t ldg, const int NC,
+INLINE T256 void axpy_block_256(const float *const *w_, const int NR, const float *g, int64_t ldg, const int NC,
                                  int64_t K, float *out, int64_t ldo) {
     __m256 gv[2][4], wv[4];
-    #pragma GCC unroll 8
+    const float *w[4]; /* a local copy: the stores to out could alias w_ */
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; r++) w[r] = w_[r];
+#pragma GCC unroll 8
     for (int c = 0; c < NC; c++)
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < NR; r++) gv[c][r] = _mm256_set1_ps(g[c * ldg + r]);
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < NR; r++) wv[r] = _mm256_loadu_ps(w[r] + k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NC; c++) {
             __m256 o = _mm256_loadu_ps(out + c * ldo + k);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int r = 0; r < NR; r++) o = _mm256_fmadd_ps(gv[c][r], wv[r], o);
             _mm256_storeu_ps(out + c * ldo + k, o);
         }
     }
     if (k < K) {
         __m256i m = tail_mask_256(K - k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < NR; r++) wv[r] = _mm256_maskload_ps(w[r] + k, m);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NC; c++) {
             __m256 o = _mm256_maskload_ps(out + c * ldo + k, m);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int r = 0; r < NR; r++) o = _mm256_fmadd_ps(gv[c][r], wv[r], o);
             _mm256_maskstore_ps(out + c * ldo + k, m, o);
         }
@@ -706,17 +848,21 @@ typedef struct {
     const char *name;
     void (*dequant)(int type, const uint8_t *row, int64_t k0, int64_t k1, float *y);
     void (*dot_tile)(const float *const *w, int nr, const float *x, int64_t N, int64_t K, float *out, int64_t ldo,
-                     const float *bias);
+                     const float *bias, Ahead *ahead);
     void (*axpy_tile)(const float *const *w, int nr, const float *g, int64_t ldg, int64_t N, int64_t K, float *out,
                       int64_t ldo);
+    /* out (N, nr) = x (N, K) @ W_rows^T (+ bias) for N <= fused_rows, weights dequantized in registers */
+    void (*dotq_tile)(int type, const uint8_t *const *row, int nr, const float *x, int64_t N, int64_t K, float *out,
+                      int64_t ldo, const float *bias, Ahead *ahead);
+    int fused_rows;
 } Isa;
 
 static const Isa ISAS[] = {
 #ifdef MATMUL_X86
-    {"avx512", dequant_512, dot_tile_512, axpy_tile_512},
-    {"avx2", dequant_256, dot_tile_256, axpy_tile_256},
+    {"avx512", dequant_512, dot_tile_512, axpy_tile_512, dotq_tile_512, 4},
+    {"avx2", dequant_256, dot_tile_256, axpy_tile_256, dotq_tile_256, 2},
 #endif
-    {"baseline", dequant_base, dot_tile_base, axpy_tile_base},
+    {"baseline", dequant_base, dot_tile_base, axpy_tile_base, NULL, 0},
 };
 #define N_ISAS ((int)(sizeof ISAS / sizeof ISAS[0]))
 
@@ -725,9 +871,9 @@ static int cpu_has(const Isa *isa) {
     if (strcmp(isa->name, "avx512") == 0)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-               __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
+               __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
     if (strcmp(isa->name, "avx2") == 0)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
     return strcmp(isa->name, "baseline") == 0;
 }
@@ -772,17 +918,26 @@ int mat_set_isa(const char *name) {
 /* ------------------------------------------------------------------------------------------ */
 /* 5. drivers                                                                                  */
 
-/* Smallest N that takes the many-rows (sgemm) regime, per type; measured with benchmarks/matmul.py
- * (2 threads, AVX-512, GPT-2 / Llama shapes): see the report in the commit that set them. */
+/* Smallest N that takes the many-rows (sgemm) regime. Measured on the Zen 4 test machine (one thread, best
+ * of interleaved runs, weights streamed from memory; GPT-2 768 <-> 3072 and Qwen 896 -> 4864 shapes): the
+ * two regimes run within ~10% of each other from N = 48 to 128; few rows wins longer for wide inputs
+ * (3072 -> 768: up to N ~ 128-192) and for the formats whose unpacked panel costs more to write than to
+ * read (all but F32). mat_mul_t's few-rows kernel rereads its (N, n_in) partial sum per 4 weight rows,
+ * so sgemm takes over early (N ~ 32 for 3072-wide inputs, ~96 for 768-wide). */
 int64_t mat_crossover(int type, int transposed) {
-    if (transposed) return 48;
+    if (transposed) return 32;
     switch (type) {
-    case 0: return 64;
-    default: return 64;
+    case 0: case 1: case 30: return 64;
+    default: return 96;
     }
 }
 
-#define PANEL_BYTES (384 * 1024) /* float32 weight panel of the many-rows regime: fits L2 with room */
+#ifndef PANEL_BYTES
+/* float32 weight panel of the many-rows regime: within the 1 MiB L2 (sgemm repacks x for every panel,
+ * so panels much smaller cost: 3072 -> 768 at N = 512 ran at 60, 78, 85 GFLOP/s on one core with 192,
+ * 384, 768 KiB panels, single-threaded sgemm itself at 93) */
+#define PANEL_BYTES (768 * 1024)
+#endif
 
 static int f32_in_place(const Mat *W) { return W->type == T_F32 && (uintptr_t)W->data % sizeof(float) == 0; }
 static const uint8_t *row_ptr(const Mat *W, int64_t r) { return W->data + r * W->row_bytes; }
@@ -806,14 +961,23 @@ typedef struct {
     int64_t step;      /* rows (mat_mul) or columns (mat_mul_t) per panel */
     float *scratch;    /* per thread: `per` floats */
     int64_t per;
+    float *parts;      /* mat_mul_t few rows: n_parts partial sums (N, n_in) */
+    int64_t n_parts;
 } Job;
 
 static float *thread_buf(const Job *j, int tid) { return j->scratch ? j->scratch + tid * j->per : NULL; }
 
 /* few rows, rows o..o+nr-1 of W (nr <= TILE_ROWS): out[:, o:o+nr] = x @ W[o:o+nr]^T (+ bias) */
-static void few_tile(const Job *j, int64_t o, int nr, float *buf /* (TILE_ROWS, K) */) {
+static void few_tile(const Job *j, int64_t o, int nr, float *buf /* (TILE_ROWS, K) */, Ahead *ahead) {
     const Mat *W = j->W;
     int64_t K = W->n_in;
+    const float *bias = j->bias ? j->bias + o : NULL;
+    if (j->N <= j->isa->fused_rows && W->type != T_F32 && K % 32 == 0) { /* dequantized in registers */
+        const uint8_t *row[TILE_ROWS];
+        for (int r = 0; r < TILE_ROWS; r++) row[r] = row_ptr(W, o + (r < nr ? r : 0));
+        j->isa->dotq_tile(W->type, row, nr, j->x, j->N, K, j->out + o, W->n_out, bias, ahead);
+        return;
+    }
     const float *w[TILE_ROWS] = {NULL};
     for (int r = 0; r < TILE_ROWS; r++) {
         if (r >= nr) {
@@ -825,14 +989,15 @@ static void few_tile(const Job *j, int64_t o, int nr, float *buf /* (TILE_ROWS, 
             w[r] = buf + r * K;
         }
     }
-    j->isa->dot_tile(w, nr, j->x, j->N, K, j->out + o, W->n_out, j->bias ? j->bias + o : NULL);
+    j->isa->dot_tile(w, nr, j->x, j->N, K, j->out + o, W->n_out, bias, ahead);
 }
 
 static void few_range(void *ctx, int64_t lo, int64_t hi, int tid) {
     const Job *j = ctx;
     for (int64_t o = lo; o < hi; o += TILE_ROWS) {
         int nr = (int)min64(TILE_ROWS, hi - o);
-        few_tile(j, o, nr, thread_buf(j, tid));
+        Ahead ahead = {row_ptr(j->W, o + nr), row_ptr(j->W, min64(hi, o + nr + TILE_ROWS))}; /* the next tile */
+        few_tile(j, o, nr, thread_buf(j, tid), &ahead);
     }
 }
 
@@ -857,29 +1022,42 @@ static void many_range(void *ctx, int64_t lo, int64_t hi, int tid) {
     for (int64_t a = lo; a < hi; a += j->step) many_panel(j, a, min64(hi, a + j->step), thread_buf(j, tid));
 }
 
-/* few rows, transposed, columns lo..hi-1 (block multiples): out[:, lo:hi] = g @ W[:, lo:hi] */
-static void few_t_panel(const Job *j, int64_t lo, int64_t hi, float *buf /* (TILE_ROWS, step) */) {
+/* few rows, transposed: each chunk of `step` rows of W adds g[:, rows] @ W[rows] into its own partial sum
+ * (chunk 0: out itself; chunk c: parts + (c-1) N K), summed in chunk order afterwards: the result does not
+ * depend on which thread ran which chunk */
+static void few_t_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const Job *j = ctx;
     const Mat *W = j->W;
-    int64_t kc = hi - lo, ldo = W->n_in, n_out = W->n_out;
-    for (int64_t n = 0; n < j->N; n++) memset(j->out + n * ldo + lo, 0, sizeof(float) * (size_t)kc);
-    for (int64_t o = 0; o < n_out; o += TILE_ROWS) {
-        int nr = (int)min64(TILE_ROWS, n_out - o);
-        const float *w[TILE_ROWS] = {NULL};
-        for (int r = 0; r < nr; r++) {
-            if (f32_in_place(W)) {
-                w[r] = (const float *)row_ptr(W, o + r) + lo;
-            } else {
-                j->isa->dequant(W->type, row_ptr(W, o + r), lo, hi, buf + r * kc);
-                w[r] = buf + r * kc;
+    int64_t K = W->n_in, n_out = W->n_out;
+    float *buf = thread_buf(j, tid); /* (TILE_ROWS, K) unless F32 in place */
+    for (int64_t a = lo; a < hi; a += j->step) {
+        int64_t c = a / j->step, b = min64(hi, a + j->step);
+        float *acc = c ? j->parts + (c - 1) * j->N * K : j->out; /* (N, K) */
+        memset(acc, 0, sizeof(float) * (size_t)(j->N * K));
+        for (int64_t o = a; o < b; o += TILE_ROWS) {
+            int nr = (int)min64(TILE_ROWS, b - o);
+            const float *w[TILE_ROWS] = {NULL};
+            for (int r = 0; r < nr; r++) {
+                if (f32_in_place(W)) {
+                    w[r] = (const float *)row_ptr(W, o + r);
+                } else {
+                    j->isa->dequant(W->type, row_ptr(W, o + r), 0, K, buf + r * K);
+                    w[r] = buf + r * K;
+                }
             }
+            j->isa->axpy_tile(w, nr, j->x + o, n_out, j->N, K, acc, K);
         }
-        j->isa->axpy_tile(w, nr, j->x + o, n_out, j->N, kc, j->out + lo, ldo);
     }
 }
 
-static void few_t_range(void *ctx, int64_t lo, int64_t hi, int tid) {
+/* out[i] += parts[0][i] + parts[1][i] + ... (in that order) for i in lo..hi-1 */
+static void sum_parts_range(void *ctx, int64_t lo, int64_t hi, int tid) {
     const Job *j = ctx;
-    for (int64_t a = lo; a < hi; a += j->step) few_t_panel(j, a, min64(hi, a + j->step), thread_buf(j, tid));
+    int64_t size = j->N * j->W->n_in;
+    for (int64_t c = 0; c < j->n_parts; c++) {
+        const float *p = j->parts + c * size;
+        for (int64_t i = lo; i < hi; i++) j->out[i] += p[i];
+    }
 }
 
 /* many rows, transposed, columns lo..hi-1: out[:, lo:hi] = sum over row blocks of g[:, o0:o1] @ W[o0:o1, lo:hi] */
@@ -933,9 +1111,9 @@ int mat_mul_path(Pool *pool, float *out, const float *x, int64_t N, const Mat *W
     if (path == MAT_AUTO) path = N >= mat_crossover(W->type, 0) ? MAT_MANY : MAT_FEW;
     Job j = {.isa = isa(), .W = W, .x = x, .N = N, .out = out, .bias = bias};
     if (path == MAT_MANY && can_many) {
-        /* panels of P rows: P*K floats within PANEL_BYTES, a multiple of 16, two or more per thread */
-        int64_t P = max64(16, PANEL_BYTES / (4 * K) / 16 * 16);
-        P = min64(P, max64(16, round_up((n_out + 2 * threads - 1) / (2 * threads), 16)));
+        /* panels of P rows: P*K floats within PANEL_BYTES, a multiple of 8, two or more per thread */
+        int64_t P = max64(8, PANEL_BYTES / (4 * K) / 8 * 8);
+        P = min64(P, max64(8, round_up((n_out + 2 * threads - 1) / (2 * threads), 8)));
         return run(pool, &j, P, f32_in_place(W) ? 0 : P * K, n_out, many_range);
     }
     /* chunks of TILE_ROWS-multiples, about 8 per thread, at most 64 rows */
@@ -966,9 +1144,19 @@ int mat_mul_t_path(Pool *pool, float *out, const float *g, int64_t N, const Mat 
         int64_t rows = max64(16, PANEL_BYTES / (4 * kc));
         return run(pool, &j, kc, f32_in_place(W) ? 0 : rows * kc, K, many_t_range);
     }
-    /* column chunks: about 4 per thread, at most 256 wide, block multiples */
-    int64_t kc = round_up(min64(256, max64(16, K / (4 * threads))), bs);
-    return run(pool, &j, kc, f32_in_place(W) ? 0 : TILE_ROWS * kc, K, few_t_range);
+    /* chunks of rows, each summed into its own (N, K) partial: about 3 per thread while the partials
+     * stay under half the weight bytes (they are written and summed once), at least one per thread */
+    int64_t tiles = (n_out + TILE_ROWS - 1) / TILE_ROWS;
+    int64_t chunks = min64(tiles, max64(threads, min64(3 * threads, n_out * rb / 2 / (4 * N * K) + 1)));
+    if (threads == 1) chunks = 1;
+    int64_t step = (tiles + chunks - 1) / chunks * TILE_ROWS;
+    chunks = (n_out + step - 1) / step;
+    j.n_parts = chunks - 1;
+    if (j.n_parts && !(j.parts = malloc(sizeof(float) * (size_t)(j.n_parts * N * K)))) return -1;
+    int rc = run(pool, &j, step, f32_in_place(W) ? 0 : TILE_ROWS * K, n_out, few_t_range);
+    if (rc == 0 && j.n_parts) pool_for(pool, N * K, max64(4096, N * K / (4 * threads)), sum_parts_range, &j);
+    free(j.parts);
+    return rc;
 }
 
 int mat_mul_t(Pool *pool, float *out, const float *g, int64_t N, const Mat *W) {

@@ -14,7 +14,9 @@
 
 #include "pool.h"
 
+#ifndef SPIN_NS
 #define SPIN_NS 5000 /* idle spin before sleeping */
+#endif
 
 typedef struct {
     Pool *pool;

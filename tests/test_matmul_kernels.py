@@ -39,8 +39,10 @@ def pools():
 
 
 def n_ins(name):
+    """the smallest width and larger ones: vector tails (19, 100) and a multiple of 32 (the kernels that
+    dequantize in registers take those)"""
     bs = GGML[GGML_ID[name]][1]
-    return [1, 19, 100] if bs == 1 else [bs, 3 * bs] if bs == 32 else [bs, 2 * bs]
+    return [1, 19, 64, 100] if bs == 1 else [bs, 3 * bs] if bs == 32 else [bs, 2 * bs]
 
 
 def reference(raw, name):
@@ -139,6 +141,52 @@ def test_larger_shapes(name, pools):
         check_close(out_t, g.astype(np.float64) @ w.astype(np.float64), np.abs(g.astype(np.float64)) @ np.abs(w))
 
 
+def finite_random_raw(rng, name, n_out, n_in):
+    """random bytes with every f16 field (scales, or the F16 values) a random finite half: subnormals and
+    large values included"""
+    _, bs, ts = GGML[GGML_ID[name]]
+    if name in ("F32", "F16", "BF16"):
+        h = rng.integers(0, 1 << 16, size=(n_out, n_in), dtype=np.uint16)
+        h[(h & 0x7C00) == 0x7C00] &= 0xBFFF  # no inf/NaN halves (exponent 11111 -> 01111)
+        if name == "F16":
+            return h.view(np.uint8)
+        b = h & 0x7F7F  # BF16 / F32: keep the exponent finite
+        return b.view(np.uint8) if name == "BF16" else (b.astype(np.uint32) << 16).view(np.uint8)
+    raw = rng.integers(0, 256, size=(n_out * n_in // bs, ts), dtype=np.uint8)
+    for off in F16_FIELDS[name]:
+        h = rng.integers(0, 1 << 16, size=raw.shape[0], dtype=np.uint16)
+        h[(h & 0x7C00) == 0x7C00] &= 0xBFFF
+        raw[:, off:off + 2] = h.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(n_out, -1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", TYPES)
+def test_products_use_exact_weights(isa, name):
+    """one-hot rows of x pick single weights: every regime must return them bit for bit (a product with 1
+    and sums of zeros round nothing), so each kernel multiplies exactly the dequantized values"""
+    K.set_isa(isa)
+    t = GGML_ID[name]
+    bs = GGML[t][1]
+    n_in = 64 if bs == 1 else 2 * bs
+    n_out = 9
+    rng = np.random.default_rng(t + 11)
+    raw = finite_random_raw(rng, name, n_out, n_in)
+    w = reference(raw, name).reshape(n_out, n_in)
+    assert np.isfinite(w).all()
+    eye = np.eye(n_in, dtype=np.float32)
+    cols = rng.choice(n_in, 4, replace=False)
+    for x in (eye[cols[:1]], eye[cols[:2]], eye[cols], eye):  # 1, 2, 4 rows: in registers; all: buffer, sgemm
+        for path in PATHS:
+            got = K.matmul(x, raw, t, n_out, n_in, threads=2, path=path)
+            assert np.array_equal(got, (x @ w.T.astype(np.float64)).astype(np.float32)), (x.shape, path)
+    g_eye = np.eye(n_out, dtype=np.float32)
+    for g in (g_eye[:1], g_eye[3:5], g_eye):
+        for path in PATHS:
+            got = K.matmul_t(g, raw, t, n_out, n_in, threads=2, path=path)
+            assert np.array_equal(got, (g @ w.astype(np.float64)).astype(np.float32)), (g.shape, path)
+
+
 def assert_bits_equal(a, b):
     """float32 arrays equal bit for bit; NaNs at the same places (payloads may differ)"""
     assert a.dtype == np.float32 and b.dtype == np.float32 and a.shape == b.shape
@@ -200,6 +248,25 @@ def test_nonfinite_weights_propagate(isa):
         assert np.isinf(out[:, 4]).all() and np.isfinite(out[:, :4]).all()
         out_t = K.matmul_t(np.ones((3, 5), np.float32), w.view(np.uint8), 0, 5, 33, path=path)
         assert np.isinf(out_t[:, 7]).all() and np.isfinite(np.delete(out_t, 7, axis=1)).all()
+
+
+@pytest.mark.parametrize("name", ["F32", "BF16", "Q4_0", "Q6_K"])
+def test_deterministic(name):
+    """the few-rows regime gives the same bits for any thread count; every regime the same bits run to run"""
+    rng = np.random.default_rng(3)
+    raw, _ = make_weights(rng, name, 203, 256)
+    t = GGML_ID[name]
+    for N in (1, 3, 16, 70):
+        x = rng.standard_normal((N, 256)).astype(np.float32)
+        g = rng.standard_normal((N, 203)).astype(np.float32)
+        few = [K.matmul(x, raw, t, 203, 256, threads=n, path="few") for n in (1, 2, 3, 2)]
+        assert all(np.array_equal(few[0], f) for f in few[1:])
+        for path in ("many", "auto"):
+            a, b = (K.matmul(x, raw, t, 203, 256, threads=2, path=path) for _ in range(2))
+            assert np.array_equal(a, b)
+        for path in PATHS:
+            a, b = (K.matmul_t(g, raw, t, 203, 256, threads=3, path=path) for _ in range(2))
+            assert np.array_equal(a, b)
 
 
 def test_empty_and_degenerate():
@@ -304,20 +371,28 @@ def test_crossover_table():
 
 
 def test_pools_from_many_python_threads():
-    """many tiny loops from several Python threads, each with its own pool (and sgemm inside pool threads)"""
+    """many tiny loops (2 to 12 chunks) from several Python threads, each with its own pool; sgemm inside pool
+    threads; every result checked"""
     rng = np.random.default_rng(5)
-    raw, w = make_weights(rng, "Q8_0", 48, 64)
-    xs = [rng.standard_normal((n, 64)).astype(np.float32) for n in (1, 3, 80)]
-    refs = [x.astype(np.float64) @ w.T.astype(np.float64) for x in xs]
+    cases = []
+    for n_out in (8, 48):
+        raw, w = make_weights(rng, "Q8_0", n_out, 64)
+        for n in (1, 3, 100):
+            x = rng.standard_normal((n, 64)).astype(np.float32)
+            g = rng.standard_normal((n, n_out)).astype(np.float32)
+            cases.append((raw, n_out, x, g, x.astype(np.float64) @ w.T.astype(np.float64),
+                          g.astype(np.float64) @ w.astype(np.float64)))
     errors = []
 
     def work(seed):
         try:
             pool = K.Pool(2 + seed % 2)
-            for i in range(150):
-                j = (i + seed) % 3
-                out = K.matmul(xs[j], raw, 8, 48, 64, threads=pool, path=["few", "many", "auto"][i % 3])
-                if not np.allclose(out, refs[j], rtol=1e-4, atol=1e-4):
+            for i in range(300):
+                raw, n_out, x, g, ref, ref_t = cases[(i + seed) % len(cases)]
+                path = PATHS[i % 3]
+                out = K.matmul(x, raw, 8, n_out, 64, threads=pool, path=path)
+                out_t = K.matmul_t(g, raw, 8, n_out, 64, threads=pool, path=path)
+                if not (np.allclose(out, ref, rtol=1e-4, atol=1e-4) and np.allclose(out_t, ref_t, rtol=1e-4, atol=1e-4)):
                     errors.append((seed, i))
         except Exception as e:  # pragma: no cover
             errors.append(e)
@@ -328,6 +403,27 @@ def test_pools_from_many_python_threads():
     for th in threads:
         th.join()
     assert errors == []
+
+
+def test_pools_created_per_call_from_many_python_threads():
+    rng = np.random.default_rng(6)
+    raw, w = make_weights(rng, "Q4_0", 40, 64)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    bad = []
+
+    def work(seed):
+        for i in range(50):
+            out = K.matmul(x, raw, 2, 40, 64, threads=2 + (i + seed) % 2, path=PATHS[i % 3])
+            if not np.allclose(out, ref, rtol=1e-4, atol=1e-4):
+                bad.append((seed, i))
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert bad == []
 
 
 def test_pool_in_use_is_refused():
