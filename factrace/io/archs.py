@@ -369,7 +369,7 @@ def _gptj_tensors() -> tuple:
         Tensor("{p}wte.weight", ("W_E",), glob=True),
         Tensor("{p}ln_f.weight", ("ln_f_w",), glob=True), Tensor("{p}ln_f.bias", ("ln_f_b",), glob=True),
         Tensor("lm_head.weight", ("W_U",), glob=True, when="!tied"),
-        Tensor("lm_head.bias", ("b_U",), glob=True),
+        Tensor("lm_head.bias", ("b_U",), glob=True, when="unembed_bias"),
         Tensor(b + "ln_1.weight", ("ln1_w", "ln2_w"), "dup"), Tensor(b + "ln_1.bias", ("ln1_b", "ln2_b"), "dup"),
         Tensor(b + "attn.q_proj.weight", ("W_Q",)), Tensor(b + "attn.k_proj.weight", ("W_K",)),
         Tensor(b + "attn.v_proj.weight", ("W_V",)), Tensor(b + "attn.out_proj.weight", ("W_O",)),
