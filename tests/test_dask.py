@@ -16,7 +16,7 @@ RECORDS = [dict(prompt=f"{s} is located in the city of", subject=s, attribute="P
 
 @pytest.fixture(scope="module")
 def client():
-    old = factrace._core.get_num_threads()
+    old = factrace.get_num_threads()
     factrace.set_num_threads(1)
     cluster = distributed.LocalCluster(processes=False, n_workers=2, threads_per_worker=1, dashboard_address=None)
     c = distributed.Client(cluster)

@@ -13,12 +13,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from gguf_builders import F16_FIELDS, GGML, GGML_ID  # noqa: E402
 
-from factrace import _core  # noqa: E402
-
-_openblas_threads = _core.get_num_threads()
+from factrace import _core  # noqa: E402,F401  (sets OpenBLAS to one thread: factrace's pool owns the threads)
 from factrace import _kernels as K  # noqa: E402
-
-_core.set_num_threads(_openblas_threads)  # importing _kernels left OpenBLAS at one thread: not for other modules
 
 gq = pytest.importorskip("gguf.quants")
 from gguf.constants import GGMLQuantizationType as GT  # noqa: E402
@@ -29,15 +25,6 @@ ISAS = K.isas()
 ROWS = [1, 2, 7, 16, 17, 64, 300]
 N_OUT = [1, 3, 37, 130]
 PATHS = ["few", "many", "auto"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_openblas():
-    """as _kernels leaves it at import, for this module only"""
-    before = _core.get_num_threads()
-    _core.set_num_threads(1)
-    yield
-    _core.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
@@ -373,7 +360,7 @@ def test_isa_hooks():
 
 
 def test_openblas_single_threaded_after_import():
-    code = ("from factrace import _core; _core.set_num_threads(2); from factrace import _kernels; "
+    code = ("from factrace import _kernels; from factrace import _core; "
             "print(_core.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"

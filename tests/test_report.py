@@ -36,7 +36,7 @@ def hash_encoder(words):
 @pytest.fixture(autouse=True)
 def one_blas_thread():
     """Tiny matrices: one BLAS thread is many times faster than several on a busy machine."""
-    old = factrace._core.get_num_threads()
+    old = factrace.get_num_threads()
     factrace.set_num_threads(1)
     yield
     factrace.set_num_threads(old)

@@ -192,7 +192,7 @@ def _counter_ratio(fn, n_calls):
 
 def test_forward_releases_gil(big):
     ids = np.random.default_rng(2).integers(0, big.config.vocab_size, big.config.n_ctx)
-    threads = factrace._core.get_num_threads()
+    threads = factrace.get_num_threads()
     factrace.set_num_threads(1)  # leave a core to the counter thread
     try:
         big.run(ids, capture=True)  # warm up
