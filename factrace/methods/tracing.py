@@ -46,8 +46,8 @@ def noise_level(m: Model, subjects=None, k: float = 3.0, reference=None, add_spe
     Example:
         >>> noise_level(m, ["Eiffel Tower", "Barack Obama"], k=3)     # doctest: +SKIP
         0.1384...
-        >>> noise_level(m, reference="rome")                          # doctest: +SKIP
-        0.3502...
+        >>> noise_level(m, reference="rome")              # SmolLM2-135M   # doctest: +SKIP
+        0.34998...
     """
     reference = check_reference(reference)
     subjects = known_1000_subjects() if subjects is None else subjects
@@ -532,6 +532,7 @@ def trace(m: Model, prompt, subject, kind: str = "hidden", window: int = 10, sam
         add_special_tokens: tokenize a str prompt with the model's special tokens; default (None): the
             preset's (True for ``None`` and ``"rome"``, False for ``"caarm"``).
         replace: replace the subject's embeddings by the noise instead of adding it (ROME's ``--replace``).
+        noise_texts: the texts of ``"m"`` / ``"t<k>"`` (default known_1000's subjects; ROME uses wikitext-103).
         reference: ``None`` (factrace's definitions), ``"rome"`` or ``"caarm"``. The presets change:
             the subject span (their ``find_token_range``: tokens decoded one by one and joined, see
             :func:`factrace.methods._reference.decoded_span`, instead of the tokenizer's offsets); the ``s<k>``
