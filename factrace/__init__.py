@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it (imported on first use: keeps `import factrace` light)
 _LAZY = {
     "trace": "methods.tracing", "trace_all": "methods.tracing", "TraceResult": "methods.tracing",
-    "noise_level": "methods.tracing", "subject_span": "methods._common",
+    "noise_level": "methods.tracing", "embedding_noise": "methods.tracing", "subject_span": "methods._common",
     "sever": "methods.severing", "SeverResult": "methods.severing",
     "knockout": "methods.knockout", "gini": "methods.knockout", "KnockoutResult": "methods.knockout",
     "dla": "methods.dla", "dla_dataset": "methods.dla", "DLAResult": "methods.dla",

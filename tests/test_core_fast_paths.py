@@ -8,7 +8,6 @@
 import numpy as np
 import pytest
 
-import factrace
 from factrace import interventions as iv
 from factrace.interventions import compile_interventions
 

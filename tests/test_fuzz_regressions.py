@@ -22,7 +22,7 @@ from factrace.io.load import load_gguf# noqa: E402
 from factrace.io.gguf_tokenizer import load_tokenizer# noqa: E402
 from factrace.io.load import load_hf_dir# noqa: E402
 from factrace.errors import InputError# noqa: E402
-from factrace.io.safetensors import Checkpoint, SafetensorsFile
+from factrace.io.safetensors import SafetensorsFile
 from factrace.errors import CheckpointError# noqa: E402
 from factrace.errors import TokenizerError# noqa: E402
 

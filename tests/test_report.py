@@ -5,7 +5,6 @@ import re
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -6,7 +6,6 @@ import random
 import threading
 
 import numpy as np
-import pytest
 
 import factrace
 

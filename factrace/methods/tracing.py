@@ -14,54 +14,153 @@ far less work than the reference:
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .. import interventions as iv
 from ..model import Model
-from ._common import _ids_and_offsets, _softmax_prob, _span, token_embeddings
+from ._common import _softmax_prob, token_embeddings
+from ._reference import _prepare, check_reference, known_1000_subjects, torch_std
 
 KINDS = ("hidden", "mlp", "attn")
 
 
-def noise_level(m: Model, subjects, k: float = 3.0) -> float:
-    """``k`` times the standard deviation (NumPy ``.std()``, one scalar over all elements) of the token
-    embeddings of ``subjects``, each encoded on its own without special tokens (ROME's ``s<k>``).
+def noise_level(m: Model, subjects=None, k: float = 3.0, reference=None, add_special_tokens=None) -> float:
+    """``k`` times the standard deviation (one scalar over all elements) of the token embeddings of
+    ``subjects``, each encoded on its own: ROME's ``s<k>`` noise level.
+
+    Args:
+        subjects: strings; default the 1,209 subjects of ROME's known_1000 dataset, duplicates kept, as both
+            papers use them (shipped with factrace as ``factrace/data/known_1000_subjects.txt``, from ROME's
+            ``known_1000.json``, MIT license; see :func:`factrace.methods._reference.known_1000_subjects`).
+        k: the factor (3 for ``"s3"``).
+        reference: ``None``: NumPy's ``.std()`` (ddof=0) in float64, subjects encoded without special tokens.
+            ``"rome"``: ROME's ``collect_embedding_std``: each subject through ``make_inputs`` (the tokenizer's
+            default special tokens, e.g. a BOS), and ``torch.Tensor.std()`` (unbiased, float32 mean and result).
+            ``"caarm"``: the same std, subjects encoded without special tokens (CAARM's ``make_inputs``). The
+            two std conventions differ by a relative ~1/(2n) (about 1e-7 on known_1000).
+        add_special_tokens: overrides the preset's tokenization of the subjects.
 
     Example:
         >>> noise_level(m, ["Eiffel Tower", "Barack Obama"], k=3)     # doctest: +SKIP
         0.1384...
+        >>> noise_level(m, reference="rome")              # SmolLM2-135M   # doctest: +SKIP
+        0.34998...
     """
+    reference = check_reference(reference)
+    subjects = known_1000_subjects() if subjects is None else subjects
+    special = (reference == "rome") if add_special_tokens is None else bool(add_special_tokens)
     rows = []
     for s in subjects:
-        ids = m.encode(s, add_special_tokens=False)
+        ids = m.encode(s, add_special_tokens=special)
         if len(ids):
-            rows.append(token_embeddings(m, ids).astype(np.float64))
+            rows.append(token_embeddings(m, ids))
     if not rows:
         raise ValueError("noise_level: no subject produced any token")
-    return float(k * np.concatenate(rows).std())
+    if reference is None:
+        return float(k * np.concatenate(rows).astype(np.float64).std())
+    return float(k) * torch_std(np.concatenate(rows))
 
 
-def _noise_value(m: Model, noise, noise_subjects) -> float:
-    if isinstance(noise, (int, float, np.floating)):
+@dataclass(frozen=True)
+class _Noise:
+    """A noise form of ROME's ``trace_with_patch``: ``"gauss"`` (``level * randn``), ``"uniform"`` (``level *
+    uniform(-1, 1)``), ``"mvg"`` (``randn`` through the affine map ``z @ W.T + mean`` of a multivariate Gaussian
+    matched to embedding statistics: ROME's ``make_generator_transform``), ``"t"`` (the same, each (sample,
+    token) row scaled by ``t_factor``: ROME's ``collect_embedding_tdist``)."""
+
+    form: str
+    level: float = float("nan")
+    mean: np.ndarray | None = None
+    W: np.ndarray | None = None
+    t_factor: np.ndarray | None = None
+    label: str = ""
+
+    def draw(self, rs, S, n, d) -> np.ndarray:
+        """(S, n, d) float64 from the RandomState ``rs`` (one call, as ROME's ``prng(S, e - b, d)``)."""
+        if self.form == "gauss":
+            return rs.randn(S, n, d) * self.level
+        if self.form == "uniform":
+            return self.level * rs.uniform(-1, 1, (S, n, d))
+        z = rs.randn(S, n, d) @ self.W.T + self.mean
+        if self.form == "t":
+            if S * n > len(self.t_factor):
+                raise ValueError(f"t noise: ROME's fixed sample has {len(self.t_factor)} factors, fewer than "
+                                 f"samples x subject tokens = {S * n}")
+            z = self.t_factor[:S * n].reshape(S, n, 1) * z
+        return z
+
+
+def embedding_noise(m: Model, form: str = "m", texts=None, degrees: float = 3.0, reference=None,
+                    add_special_tokens=None) -> "_Noise":
+    """ROME's noise rules ``"m"`` (a multivariate Gaussian with the mean and covariance of token embeddings) and
+    ``"t<k>"`` (a Student-t with k degrees of freedom and the same covariance), built from the token embeddings
+    of ``texts`` (each encoded on its own; special tokens as :func:`noise_level`).
+
+    ROME estimates the statistics over 1,000 samples of wikitext-103 (``get_embedding_cov``), which is not
+    shipped: the default ``texts`` are known_1000's subjects. The affine map is ROME's: ``z @ W.T + mean`` with
+    ``W = sqrt(s)[None, :] * V`` from the SVD of the unbiased covariance (so the added noise includes the mean,
+    as in ROME); the t factors are ``sqrt((k - 2) / u)``, u from ``RandomState(2).chisquare(k, 1000)``. Pass the
+    result as ``noise=`` to :func:`trace`, or use ``noise="m"`` / ``"t3"`` for the default texts.
+    Singular-vector signs follow LAPACK, not torch, so the draws equal ROME's in distribution only."""
+    reference = check_reference(reference)
+    texts = known_1000_subjects() if texts is None else list(texts)
+    special = (reference == "rome") if add_special_tokens is None else bool(add_special_tokens)
+    rows = [token_embeddings(m, ids).astype(np.float64) for ids in (m.encode(t, add_special_tokens=special)
+                                                                    for t in texts) if len(ids)]
+    if not rows:
+        raise ValueError("embedding_noise: no text produced any token")
+    x = np.concatenate(rows)
+    if len(x) < 2:
+        raise ValueError("embedding_noise: need at least two tokens")
+    mean = x.mean(0)
+    cov = (x - mean).T @ (x - mean) / (len(x) - 1)
+    _, s, vh = np.linalg.svd(cov)
+    W = np.sqrt(s)[None, :] * vh.T
+    if form == "m":
+        return _Noise("mvg", mean=mean, W=W, label="m")
+    if form == "t":
+        if degrees <= 2:
+            raise ValueError(f"t noise needs more than 2 degrees of freedom, got {degrees}")
+        u = np.random.RandomState(2).chisquare(df=degrees, size=1000)
+        return _Noise("t", mean=mean, W=W, t_factor=np.sqrt((degrees - 2) / u), label=f"t{degrees:g}")
+    raise ValueError(f"form must be 'm' or 't', got {form!r}")
+
+
+def _noise_value(m: Model, noise, noise_subjects, reference=None, noise_texts=None):
+    """The noise of a trace: a float level (gaussian) or a :class:`_Noise`."""
+    if isinstance(noise, _Noise):
+        return noise
+    if isinstance(noise, (int, float, np.floating)) and not isinstance(noise, bool):
         return float(noise)
-    if isinstance(noise, str) and noise.startswith("s"):
-        k = float(noise[1:] or 3)
-        subs = tuple(noise_subjects) if noise_subjects is not None else _default_subjects()
-        key = ("noise", k, hash(subs))
+    if isinstance(noise, str) and re.fullmatch(r"[stu][\d.]*|m", noise):
         cache = m.__dict__.setdefault("_trace_cache", {})
+        code, num = noise[0], noise[1:]
+        if code == "u":
+            if not num:
+                raise ValueError("uniform noise needs a level, e.g. 'u0.1'")
+            return _Noise("uniform", float(num), label=noise)
+        if code in ("m", "t"):
+            texts = tuple(noise_texts) if noise_texts is not None else None
+            key = ("embedding_noise", noise, hash(texts), reference)
+            if key not in cache:
+                cache[key] = embedding_noise(m, code, texts, float(num) if num else 3.0, reference)
+            return cache[key]
+        # "s<k>"; a bare "s" is k = 3 in factrace, k = 1 in the references (their parse_noise_rule)
+        k = float(num) if num else (1.0 if reference else 3.0)
+        subs = tuple(noise_subjects) if noise_subjects is not None else None
+        key = ("noise", k, hash(subs), reference)
         if key not in cache:
-            cache[key] = noise_level(m, subs, k)
+            cache[key] = noise_level(m, subs, k, reference=reference)
         return cache[key]
-    raise ValueError(f"noise must be a number or 's<k>' (e.g. 's3'), got {noise!r}")
+    raise ValueError(f"noise must be a number, 's<k>' (e.g. 's3'), 'u<k>', 'm' or 't<k>', got {noise!r}")
 
 
 def _default_subjects() -> tuple:
-    from ..study.datasets import load_dataset
-
-    return tuple(sorted({r.subject for r in load_dataset("facts")}))
-
+    """The default subjects of ``noise="s<k>"``: known_1000's (see :func:`noise_level`)."""
+    return known_1000_subjects()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +249,8 @@ class TraceResult:
 class _Tracer:
     """Clean and corrupted runs of one prompt, shared by every cell of every kind."""
 
-    def __init__(self, m: Model, ids, span, samples, noise, seed, target, reference_noise_draws=1, positions=None):
+    def __init__(self, m: Model, ids, span, samples, noise, seed, target, reference_noise_draws=1, replace=False,
+                 additive_low=False, positions=None):
         self.m = m
         c = m.config
         self.ids = np.asarray(ids, np.int32)
@@ -159,7 +259,6 @@ class _Tracer:
         # the positions traced from the subject on (earlier cells equal low_score and cost nothing)
         self.ts = [t for t in _positions(positions, self.T, span) if t >= self.b]
         self.S = samples
-        self.level = float(noise)
         self.L, self.d = c.n_layers, c.d_model
         self.kvd = c.n_kv_heads * c.d_head
         # clean run
@@ -171,21 +270,30 @@ class _Tracer:
         self.high = float(_softmax_prob(self.clean.logits, self.answer)[0])
         self.clean_post = np.concatenate([self.clean.resid_pre[1:], self.clean.resid_final[None]], 0)  # (L, T, d)
         # noise: one draw (samples, e - b, d) float64, reused by every cell (ROME: RandomState(seed).randn)
+        spec = noise if isinstance(noise, _Noise) else _Noise("gauss", float(noise))
+        self.spec = spec
+        self.level = spec.level
+        self.replace = bool(replace)
         rs = np.random.RandomState(seed)
-        self.noise_draws = [rs.randn(samples, self.e - self.b, self.d) * noise for _ in range(reference_noise_draws)]
+        self.noise_draws = [spec.draw(rs, samples, self.e - self.b, self.d) for _ in range(reference_noise_draws)]
         self.emb = token_embeddings(m, self.ids)
         self.corrupt = [self._corrupted_run(nz) for nz in self.noise_draws]
-        self.low = float(self.corrupt[0]["probs"].mean())
+        self.base = float(self.corrupt[0]["probs"].mean())  # corrupted run, nothing restored (every cell's floor)
+        self.low = self.base
+        if self.replace and additive_low:  # ROME/CAARM compute low_score without passing replace= on
+            self.low = float(self._corrupted_run(self.noise_draws[0], replace=False)["probs"].mean())
 
-    def noised_embeddings(self, nz) -> np.ndarray:
+    def noised_embeddings(self, nz, replace=None) -> np.ndarray:
         """(S, e-b, d) float32: the embedding rows with noise added in float64 then rounded (as torch's
-        in-place add of a float64 tensor into a float32 one)."""
+        in-place add of a float64 tensor into a float32 one), or the noise itself with ``replace``."""
+        if self.replace if replace is None else replace:
+            return np.ascontiguousarray(nz, dtype=np.float32)
         return (self.emb[self.b:self.e][None].astype(np.float64) + nz).astype(np.float32)
 
-    def _corrupted_run(self, nz) -> dict:
+    def _corrupted_run(self, nz, replace=None) -> dict:
         S, T, d, L = self.S, self.T, self.d, self.L
         N = S * T
-        vals = self.noised_embeddings(nz).reshape(-1, d)
+        vals = self.noised_embeddings(nz, replace).reshape(-1, d)
         rows = (np.arange(S)[:, None] * T + np.arange(self.b, self.e)[None]).reshape(-1).astype(np.int64)
         n = len(rows)
         cap = {k: np.empty((L, N, d), np.float32) for k in ("resid_pre", "attn_out", "mlp_out")}
@@ -273,9 +381,9 @@ class _Tracer:
         return out.reshape(len(positions), S).mean(1)
 
     def empty_scores(self) -> np.ndarray:
-        """(T, L): low_score before the subject (restoring there changes nothing), NaN on the rows from
+        """(T, L): the corrupted run's score before the subject (restoring there changes nothing), NaN on the rows from
         the subject on that are not traced (``self.ts``: the positions asked for)."""
-        scores = np.full((self.T, self.L), self.low)
+        scores = np.full((self.T, self.L), self.base)
         scores[[t for t in range(self.b, self.T) if t not in set(self.ts)]] = np.nan
         return scores
 
@@ -430,8 +538,8 @@ def _positions(positions, T: int, span) -> list:
 
 
 def trace(m: Model, prompt, subject, kind: str = "hidden", window: int = 10, samples: int = 10, noise="s3",
-          seed: int = 1, target=None, engine: str = "fast", add_special_tokens: bool = True,
-          noise_subjects=None, positions=None) -> TraceResult:
+          seed: int = 1, target=None, engine: str = "fast", add_special_tokens: bool | None = None,
+          noise_subjects=None, positions=None, replace: bool = False, reference=None, noise_texts=None) -> TraceResult:
     """Causal trace of one fact (ROME): restore each (token, layer) state of a corrupted run.
 
     Args:
@@ -443,42 +551,53 @@ def trace(m: Model, prompt, subject, kind: str = "hidden", window: int = 10, sam
             one position over the window of layers ``max(0, l - w//2) .. min(L, l - (-w//2)) - 1``).
         window: w, default 10 (layers l-5 .. l+4).
         samples: noise samples (corrupted rows), default 10.
-        noise: a number, or ``"s<k>"``: k x the std of subject token embeddings (default ``"s3"``, as in
-            the published figures); the subjects are ``noise_subjects`` if given, else the subjects of
-            factrace's shipped "facts" set (``trace_dataset`` uses its records' subjects).
-        seed: seed of ``numpy.random.RandomState(seed).randn(samples, e - b, d)``, default 1; the same
-            draw serves every cell and ``low_score``, so a trace is deterministic.
+        noise: ROME's noise rules: a number (``number * randn``), ``"s<k>"``: k x the std of subject token
+            embeddings (default ``"s3"``, as in the published figures; see :func:`noise_level`; the subjects
+            are ``noise_subjects`` if given, else known_1000's 1,209 subjects, shipped with factrace),
+            ``"u<k>"``: ``k * uniform(-1, 1)``, ``"m"``: a multivariate Gaussian matched to embedding
+            statistics, ``"t<k>"``: a Student-t with k degrees of freedom (both from ``noise_texts``, see
+            :func:`embedding_noise`), or an :func:`embedding_noise` object.
+        seed: seed of ``numpy.random.RandomState(seed)``, default 1; its one draw (samples, e - b, d) serves
+            every cell and ``low_score``, so a trace is deterministic.
         target: answer token id; default: the clean run's argmax next token.
         engine: ``"fast"`` (default) or ``"naive"`` (every cell a full forward pass; for tests).
-        add_special_tokens: tokenize a str prompt with the model's special tokens (default True; ROME's
-            setting; the cross-architecture study uses False).
+        add_special_tokens: tokenize a str prompt with the model's special tokens; default (None): the
+            preset's (True for ``None`` and ``"rome"``, False for ``"caarm"``).
         positions: the rows of the grid to compute: None (default, every token: ROME's heatmaps and six
             category averages need them all), ``"last_subject"`` (only e - 1: what the cross-architecture
             study reads; about T - b times less work), or a list of positions. Rows not computed are NaN
-            (rows before the subject are low_score whatever is asked: restoring there changes nothing).
+            (rows before the subject are the corrupted run's score whatever is asked: restoring there changes
+            nothing).
+        replace: replace the subject's embeddings by the noise instead of adding it (ROME's ``--replace``).
+        noise_texts: the texts of ``"m"`` / ``"t<k>"`` (default known_1000's subjects; ROME uses wikitext-103).
+        reference: ``None`` (factrace's definitions), ``"rome"`` or ``"caarm"``. The presets change:
+            the subject span (their ``find_token_range``: tokens decoded one by one and joined, see
+            :func:`factrace.methods._reference.decoded_span`, instead of the tokenizer's offsets); the ``s<k>``
+            level (torch's unbiased float32 std; ROME encodes the subjects with special tokens, CAARM without;
+            a bare ``"s"`` means k = 1); the default tokenization (CAARM: no special tokens); and with
+            ``replace=True``, ``low_score`` comes from ADDING the noise (their ``calculate_hidden_flow`` does
+            not pass ``replace`` on to the ``low_score`` run), while factrace's default reports the replaced
+            run's. Cells, windows, scores and the noise draw are the same in every preset.
 
-    Returns: :class:`TraceResult` with ``scores`` (T, L).
+    Returns: :class:`TraceResult` with ``scores`` (T, L); ``extra`` records the preset, noise form and
+    ``replace``.
 
     Example:
         >>> r = factrace.trace(m, "The Eiffel Tower is located in the city of", "The Eiffel Tower")  # doctest: +SKIP
         >>> r.scores.shape, r.answer_str                                                         # doctest: +SKIP
         ((11, 30), ' Paris')
         >>> fig = r.plot()                                                                      # doctest: +SKIP
+        >>> r = factrace.trace(m, prompt, subject, reference="rome")   # ROME's numbers   # doctest: +SKIP
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if engine not in ("fast", "naive"):
-        raise ValueError("engine must be 'fast' or 'naive'")
-    if samples < 1 or window < 1:
-        raise ValueError("samples and window must be >= 1")
-    ids, offs, text = _ids_and_offsets(m, prompt, add_special_tokens)
-    span = _span(ids, offs, text, subject)
-    level = _noise_value(m, noise, noise_subjects)
-    tr = _Tracer(m, ids, span, samples, level, seed, target, positions=positions)
-    return _result(m, tr, kind, window, engine, text, positions)
+    return trace_all(m, prompt, subject, kinds=(kind,), window=window, samples=samples, noise=noise, seed=seed,
+                     target=target, engine=engine, add_special_tokens=add_special_tokens,
+                     noise_subjects=noise_subjects, positions=positions, replace=replace, reference=reference,
+                     noise_texts=noise_texts)[kind]
 
 
-def _result(m, tr: "_Tracer", kind, window, engine, text, positions=None) -> TraceResult:
+def _result(m, tr: "_Tracer", kind, window, engine, text, reference=None, positions=None) -> TraceResult:
     if engine == "naive":
         scores = tr.naive_scores(kind, window, positions)
     elif kind == "hidden":
@@ -489,17 +608,19 @@ def _result(m, tr: "_Tracer", kind, window, engine, text, positions=None) -> Tra
     ans = m.decode([tr.answer]) if m.tokenizer is not None else str(tr.answer)
     return TraceResult(scores=scores, low_score=tr.low, high_score=tr.high, subject_range=(tr.b, tr.e),
                        answer=tr.answer, tokens=toks, kind=kind, window=window, noise=tr.level,
-                       samples=tr.S, answer_str=ans, prompt=text)
+                       samples=tr.S, answer_str=ans, prompt=text,
+                       extra=dict(reference=reference, noise_form=tr.spec.label or tr.spec.form, replace=tr.replace))
 
 
 def trace_all(m: Model, prompt, subject, kinds=KINDS, window: int = 10, samples: int = 10, noise="s3", seed: int = 1,
-              target=None, engine: str = "fast", add_special_tokens: bool = True, noise_subjects=None, positions=None) -> dict:
+              target=None, engine: str = "fast", add_special_tokens: bool | None = None, noise_subjects=None,
+              positions=None, replace: bool = False, reference=None, noise_texts=None) -> dict:
     """Every kind of :func:`trace` for one fact, sharing the clean and corrupted runs.
 
-    Arguments and defaults as :func:`trace` (``kinds`` a subset of ("hidden", "mlp", "attn"); ``positions``
-    the rows computed, e.g. ``"last_subject"``). Returns
-    {kind: TraceResult}, each with ``scores`` (T, L), and the same numbers as separate :func:`trace`
-    calls with the same seed. This is the fast way to get the three ROME heatmaps of a fact.
+    Arguments, defaults and presets (``reference=``) as :func:`trace` (``kinds`` a subset of ("hidden",
+    "mlp", "attn"); ``positions`` the rows computed, e.g. ``"last_subject"``). Returns {kind: TraceResult},
+    each with ``scores`` (T, L), and the same numbers as separate :func:`trace` calls with the same seed.
+    This is the fast way to get the three ROME heatmaps of a fact.
 
     Example:
         >>> res = factrace.trace_all(m, "The Eiffel Tower is located in the city of",
@@ -507,9 +628,17 @@ def trace_all(m: Model, prompt, subject, kinds=KINDS, window: int = 10, samples:
         >>> res["mlp"].scores.shape, res["attn"].window                       # doctest: +SKIP
         ((10, 30), 10)
     """
-    ids, offs, text = _ids_and_offsets(m, prompt, add_special_tokens)
-    span = _span(ids, offs, text, subject)
-    level = _noise_value(m, noise, noise_subjects)
-    tr = _Tracer(m, ids, span, samples, level, seed, target, positions=positions)
-    return {k: _result(m, tr, k, window, engine, text, positions) for k in kinds}
-
+    reference = check_reference(reference)
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
+    if engine not in ("fast", "naive"):
+        raise ValueError("engine must be 'fast' or 'naive'")
+    if samples < 1 or window < 1:
+        raise ValueError("samples and window must be >= 1")
+    ids, span, text = _prepare(m, prompt, subject, add_special_tokens, reference)
+    level = _noise_value(m, noise, noise_subjects, reference, noise_texts)
+    tr = _Tracer(m, ids, span, samples, level, seed, target, replace=replace,
+                 additive_low=reference is not None, positions=positions)
+    return {k: _result(m, tr, k, window, engine, text, reference, positions) for k in kinds}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..methods._common import _field, _progress
+from ..methods._reference import check_reference, special_tokens
 from ..methods.tracing import KINDS, _noise_value, trace_all
 from ..model import Model
 
@@ -17,12 +18,33 @@ CATEGORIES = ("first subject token", "middle subject tokens", "last subject toke
               "further tokens", "last token")
 
 
-def known_facts(m: Model, records, add_special_tokens: bool = True, batch: int = 32):
+CRITERIA = ("first_token", "whole_attribute")
+
+
+def known_facts(m: Model, records, add_special_tokens: bool | None = None, batch: int = 32, criterion=None,
+                reference=None):
     """Split ``records`` (dicts or dataset records with ``prompt``, ``subject`` and ``attribute`` /
-    ``object`` / ``target``) into those whose greedy next token equals the first token of
-    ``" " + attribute`` (exact first-token match, as in ROME and CAARM) and the rest.
+    ``object`` / ``target``) into the facts the model gets right and the rest.
+
+    ``criterion``:
+        ``"first_token"`` (factrace's default): the greedy next token is the first token of
+            ``" " + attribute``. Default because it does not depend on how a tokenizer happens to split the
+            attribute: under ``"whole_attribute"`` a model whose vocabulary lacks ``" midfielder"`` as one token
+            can never know that fact, which confounds comparisons across architectures with different
+            vocabularies, while every method traces the probability of one (the first) answer token anyway.
+        ``"whole_attribute"`` (ROME's and CAARM's code: ``calculate_hidden_flow(expect=attribute)``): the greedy
+            next token, decoded and stripped, equals the whole attribute, so only single-token attributes can
+            be known.
+    ``reference``: ``"rome"`` or ``"caarm"`` set ``criterion="whole_attribute"`` and their tokenization (ROME:
+    the tokenizer's special tokens; CAARM: none) and compare with the attribute as stored (unstripped).
+    ``add_special_tokens`` default (None): True, or the preset's. Explicit arguments override the preset.
 
     Returns (known: list of (record, answer_id), rejected: list of (record, reason))."""
+    reference = check_reference(reference)
+    criterion = ("whole_attribute" if reference else "first_token") if criterion is None else criterion
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    special = special_tokens(reference, add_special_tokens)
     known, rejected, todo = [], [], []
     for r in records:
         prompt, subj = _field(r, "prompt"), _field(r, "subject")
@@ -33,18 +55,27 @@ def known_facts(m: Model, records, add_special_tokens: bool = True, batch: int =
         if subj not in prompt:
             rejected.append((r, f"subject {subj!r} is not in the prompt"))
             continue
-        target = obj if str(obj).startswith(" ") else " " + str(obj)
-        t_ids = m.encode(target, add_special_tokens=False)
-        if len(t_ids) == 0:
-            rejected.append((r, "attribute tokenizes to nothing"))
-            continue
-        todo.append((r, m.encode(prompt, add_special_tokens=add_special_tokens), int(t_ids[0])))
+        if criterion == "whole_attribute":
+            want = str(obj) if reference else str(obj).strip()
+        else:
+            target = obj if str(obj).startswith(" ") else " " + str(obj)
+            t_ids = m.encode(target, add_special_tokens=False)
+            if len(t_ids) == 0:
+                rejected.append((r, "attribute tokenizes to nothing"))
+                continue
+            want = int(t_ids[0])
+        todo.append((r, m.encode(prompt, add_special_tokens=special), want))
     for i in range(0, len(todo), batch):
         chunk = todo[i:i + batch]
         rs = m.run([c[1] for c in chunk], logits="last")
         for (r, _, want), res in zip(chunk, rs):
             got = int(np.argmax(res.logits[0]))
-            if got == want:
+            if criterion == "whole_attribute":
+                if m.decode([got]).strip() == want:
+                    known.append((r, got))
+                else:
+                    rejected.append((r, f"model predicts {m.decode([got])!r}, not the whole attribute {want!r}"))
+            elif got == want:
                 known.append((r, want))
             else:
                 rejected.append((r, f"model predicts {m.decode([got])!r}, not {m.decode([want])!r}"))
@@ -124,10 +155,11 @@ class DatasetTrace:
         return fig
 
 
-def _trace_rows(m, fid, rec, answer, kinds, window, samples, noise, seed, add_special_tokens, positions=None):
+def _trace_rows(m, fid, rec, answer, kinds, window, samples, noise, seed, add_special_tokens, reference=None,
+                positions=None):
     prompt, subj = _field(rec, "prompt"), _field(rec, "subject")
     res = trace_all(m, prompt, subj, kinds=kinds, window=window, samples=samples, noise=noise, seed=seed,
-                    target=answer, add_special_tokens=add_special_tokens, positions=positions)
+                    target=answer, add_special_tokens=add_special_tokens, reference=reference, positions=positions)
     rows = []
     first = next(iter(res.values()))
     T = len(first.tokens)
@@ -146,17 +178,20 @@ def _trace_rows(m, fid, rec, answer, kinds, window, samples, noise, seed, add_sp
 
 
 def trace_dataset(m: Model, records, kinds=KINDS, window: int = 10, samples: int = 10, noise="s3", seed: int = 1,
-                  n: int | None = None, known_only: bool = True, add_special_tokens: bool = True,
-                  progress: bool = True, client=None, chunk: int = 4, positions=None) -> DatasetTrace:
+                  n: int | None = None, known_only: bool = True, add_special_tokens: bool | None = None,
+                  progress: bool = True, client=None, chunk: int = 4, criterion=None, reference=None,
+                  positions=None) -> DatasetTrace:
     """Trace many facts: keep those the model gets right, trace each kind, and tabulate.
 
     Args:
         records: dicts or dataset records with ``prompt``, ``subject`` and ``attribute`` (or ``object``).
         kinds: subset of ("hidden", "mlp", "attn"); window, samples, seed: as :func:`trace`.
-        noise: number or ``"s<k>"``; for ``"s<k>"`` the std is measured over ALL given records' subjects
-            (ROME's notebook uses the known_1000 subjects).
-        n: trace at most the first ``n`` known facts (the study uses 100).
-        known_only: filter by exact first-token match (default True).
+        noise: number or ``"s<k>"`` (or another of :func:`trace`'s noise rules); for ``"s<k>"`` the std is
+            measured over ALL given records' subjects (as ROME's ``main()``, which takes them from its facts).
+        n: trace at most the first ``n`` known facts (the study uses 100; CAARM's first 100 known facts; ROME's
+            averaged figure uses the known facts among known_id < 225: pass ``records[:225]``).
+        known_only: keep only known facts (:func:`known_facts` with ``criterion``; default True).
+        add_special_tokens: default (None): True, or the preset's (CAARM: False).
         progress: show a progress bar (tqdm if installed).
         positions: the rows traced per fact (:func:`factrace.trace`): None (all: ROME's six category
             averages need them) or ``"last_subject"`` (the cross-architecture study's one row, e - 1;
@@ -164,6 +199,10 @@ def trace_dataset(m: Model, records, kinds=KINDS, window: int = 10, samples: int
         client: a ``dask.distributed.Client`` (or anything with ``submit``/``gather``): facts are shared
             among its workers, each of which loads the model (from ``m.source``) once; results equal the
             local run's.
+        criterion: the known-fact criterion (see :func:`known_facts`).
+        reference: ``None``, ``"rome"`` or ``"caarm"``: the known-fact filter (whole attribute), the noise
+            level, the spans and the tokenization as those presets of :func:`known_facts`, :func:`noise_level`
+            and :func:`trace`. Averages (ROME's six categories, AIE, ATE) are the same in every preset.
 
     Ctrl-C stops the run and returns what is done (``interrupted=True``).
 
@@ -171,19 +210,22 @@ def trace_dataset(m: Model, records, kinds=KINDS, window: int = 10, samples: int
         >>> from factrace.datasets import load_dataset                                # doctest: +SKIP
         >>> dt = factrace.trace_dataset(m, load_dataset("known_1000"), n=100)        # doctest: +SKIP
         >>> dt.averages().head(); dt.ate()                                           # doctest: +SKIP
+        >>> dt = factrace.trace_dataset(m, load_dataset("known_1000"), n=100, reference="caarm")  # doctest: +SKIP
     """
     import pandas as pd
 
     records = list(records)
+    reference = check_reference(reference)
+    special = special_tokens(reference, add_special_tokens)
     if known_only:
-        known, rejected = known_facts(m, records, add_special_tokens=add_special_tokens)
+        known, rejected = known_facts(m, records, add_special_tokens=special, criterion=criterion, reference=reference)
     else:
         known, rejected = [(r, None) for r in records], []
     if n is not None:
         known = known[:n]
-    level = _noise_value(m, noise, [_field(r, "subject") for r in records if _field(r, "subject")])
+    level = _noise_value(m, noise, [_field(r, "subject") for r in records if _field(r, "subject")], reference)
     kw = dict(kinds=tuple(kinds), window=window, samples=samples, noise=level, seed=seed,
-              add_special_tokens=add_special_tokens, positions=positions)
+              add_special_tokens=special, reference=reference, positions=positions)
     rows, facts, interrupted = [], [], False
     items = [(i, r, a) for i, (r, a) in enumerate(known)]
     try:

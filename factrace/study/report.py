@@ -2,8 +2,8 @@
 
 For each model, in stages whose results are saved as they complete (so a rerun resumes):
 
-``known``        the dataset's facts the model gets right (exact first-token match, tokenized WITHOUT
-                 special tokens by default, as in the study); records that cannot be traced (subject not
+``known``        the dataset's facts the model gets right (exact first-token match by default, or the whole
+                 attribute as the papers' code; tokenized WITHOUT special tokens by default, as in the study); records that cannot be traced (subject not
                  in the prompt, subject or attribute tokenizing to nothing) are set aside with a reason;
                  the noise level ``s3`` is measured over ALL the dataset's subjects;
 ``restoration``  causal traces of the first ``n`` known facts, kinds hidden / mlp / attn
@@ -25,7 +25,8 @@ Layout of ``out``::
     data/<model>/manifest.json    which stages are complete, for which settings (atomic writes)
 
 The settings travel as one :class:`~factrace.study.settings.StudySettings`; they are written into the
-report and hashed into each model's manifest. A stage counts as done only if the manifest lists it for the
+report and hashed into each model's manifest. ``reference="rome"`` / ``"caarm"`` (``--reference``) runs every
+stage with that code's semantics (see :class:`StudySettings`); the report states which preset ran. A stage counts as done only if the manifest lists it for the
 same settings and its file exists with the
 recorded size; anything else is recomputed (finished chunks of an interrupted stage are reused).
 
@@ -75,11 +76,11 @@ class ReportResult:
 
 
 def run_report(models, dataset="known_1000", n: int | None = 100, out="report", kinds=KINDS, samples: int = 10,
-               window: int = 10, knockout_window: int = 5, objects=None, client=None, progress: bool = True, *,
-               dataset_path=None, add_special_tokens="auto", noise="s3", seed: int = 1, encoder=None,
+               window: int = 10, knockout_window: int | None = None, objects=None, client=None, progress: bool = True,
+               *, dataset_path=None, add_special_tokens="auto", noise="s3", seed: int = 1, encoder=None,
                corpus=None, tau: float = 0.7, chunk: int = 10, labels=None, known_only: bool = True,
-               check_all: bool = False, positions: str | None = None,
-               settings: StudySettings | None = None) -> ReportResult:
+               check_all: bool = False, positions: str | None = None, settings: StudySettings | None = None,
+               reference=None, known_criterion=None) -> ReportResult:
     """Run the cross-architecture study on several models and write a report (see the module docstring).
 
     Args:
@@ -90,12 +91,14 @@ def run_report(models, dataset="known_1000", n: int | None = 100, out="report", 
         out: output folder (default ``"report"``); created if missing; reruns resume from it.
         settings: a :class:`StudySettings` with everything the study computes. When None (default) it is
             built from the keyword arguments ``n`` (100), ``kinds`` (hidden, mlp, attn), ``samples`` (10),
-            ``window`` (10), ``knockout_window`` (5; CAARM's code uses 6), ``objects`` (None: when
+            ``window`` (10), ``knockout_window`` (None: 5, or 6 under ``reference="caarm"``), ``objects`` (None: when
             sentence-transformers is installed; True requires it), ``add_special_tokens`` ("auto": off
             except for Gemma), ``noise`` ("s3"), ``seed`` (1), ``corpus`` (reference texts, a list or a
             file with one document per line; default the words of each fact's prompt, subject and
             attribute), ``tau`` (0.7), ``chunk`` (10), ``known_only`` (True), ``check_all`` (False),
             ``positions`` (None: every token; ``"last_subject"``); see :class:`StudySettings`.
+            ``reference`` (None: factrace's definitions; ``"rome"`` / ``"caarm"``: the papers' code),
+            ``known_criterion`` (None: the preset's); see :class:`StudySettings` for their meaning.
         client: a ``dask.distributed.Client`` to spread the restoration traces over (default: local).
         progress: progress bars (default True).
         dataset_path: forwarded to ``load_dataset`` (a file or a data folder).
@@ -118,7 +121,8 @@ def run_report(models, dataset="known_1000", n: int | None = 100, out="report", 
         settings = StudySettings(n=n, kinds=tuple(kinds), samples=samples, window=window,
                                  knockout_window=knockout_window, noise=noise, seed=seed,
                                  add_special_tokens=add_special_tokens, known_only=known_only, check_all=check_all,
-                                 objects=objects, tau=tau, corpus=corpus, chunk=chunk, positions=positions)
+                                 objects=objects, tau=tau, corpus=corpus, chunk=chunk, positions=positions,
+                                 reference=reference, known_criterion=known_criterion)
     if isinstance(models, (str, os.PathLike, factrace.Model)):
         models = [models]
     models = list(models)
@@ -151,6 +155,8 @@ def run_report(models, dataset="known_1000", n: int | None = 100, out="report", 
         _atomic_parquet(df.astype({c: str for c in df.columns if df[c].dtype == object}), tdir / f"{k}.parquet")
     figs = _figures(tables, out / "figures", settings.kinds, labels)
     shown = dict(dataset=dataset_name, **settings.to_dict())
+    shown["reference"] = {None: "none (factrace's definitions)", "rome": "rome (kmeng01/rome's code semantics)",
+                          "caarm": "caarm (CAARM's code semantics)"}[settings.reference]
     shown["kinds"] = "/".join(settings.kinds)
     shown["add_special_tokens"] = ", ".join(f"{k}: {'on' if v else 'off'}" for k, v in result.special.items())
     shown["corpus"] = "BM25 corpus" if settings.corpus else "prompt/subject/attribute words"
@@ -192,7 +198,8 @@ def _notes(fm, lab, dataset_name, s: StudySettings, result) -> None:
         result.messages.append(msg)
         warnings.warn(msg, stacklevel=3)
     if not fm["facts"]:
-        msg = (f"{lab} knows none of the {len(known) - len(inv)} usable facts (exact first-token match, "
+        how = "exact first-token match" if s.known_criterion == "first_token" else "whole attribute"
+        msg = (f"{lab} knows none of the {len(known) - len(inv)} usable facts ({how}, "
                f"special tokens {'on' if result.special.get(lab) else 'off'}); nothing to trace for it.")
         result.messages.append(msg)
         print("factrace report: " + msg, file=sys.stderr)
@@ -210,7 +217,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kind", action="append", choices=list(KINDS), help="repeatable; default all")
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--window", type=int, default=10)
-    parser.add_argument("--knockout-window", type=int, default=5)
+    parser.add_argument("--knockout-window", type=int, default=None,
+                        help="layers per knockout window (default 5; 6 with --reference caarm)")
     parser.add_argument("--noise", default="s3")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--special-tokens", choices=["auto", "on", "off"], default="auto",
@@ -227,6 +235,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--corpus", help="text file, one document per line, for BM25 reference words")
     parser.add_argument("--dask", help="address of a Dask scheduler to spread the traces over")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--reference", choices=["none", "rome", "caarm"], default="none",
+                        help="reproduce the papers' code: rome (kmeng01/rome) or caarm (CAARM), quirks included; "
+                             "default none: factrace's definitions. The report records the preset.")
+    parser.add_argument("--known-criterion", choices=["first_token", "whole_attribute"], default=None,
+                        help="known-fact filter (default: first_token; whole_attribute under a --reference)")
 
 
 def settings_from_args(a) -> StudySettings:
@@ -235,7 +248,9 @@ def settings_from_args(a) -> StudySettings:
                          knockout_window=a.knockout_window, noise=a.noise if a.noise.startswith("s") else float(a.noise),
                          seed=a.seed, add_special_tokens={"auto": "auto", "on": True, "off": False}[a.special_tokens],
                          check_all=a.check_all, objects=a.objects, corpus=a.corpus,
-                         positions=None if a.positions == "all" else a.positions)
+                         positions=None if a.positions == "all" else a.positions,
+                         reference=None if getattr(a, "reference", "none") == "none" else a.reference,
+                         known_criterion=getattr(a, "known_criterion", None))
 
 
 def main_from_args(a) -> None:

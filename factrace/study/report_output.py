@@ -275,7 +275,7 @@ def _documents(out: Path, tables, figs, settings, messages, seconds):
     sections = [
         ("Models and facts", summ, None,
          "records: dataset records; invalid: cannot be traced (see rejected.csv); checked: usable records "
-         "checked for whether the model knows them; known: exact first-token match; traced: the first n known facts; ATE = mean clean p - mean corrupted p; seconds: compute time."),
+         "checked for whether the model knows them; known: the model's greedy answer passes the known-fact filter (settings: known_criterion); traced: the first n known facts; ATE = mean clean p - mean corrupted p; seconds: compute time."),
         ("Where recall peaks, by module", tables["peaks"], None,
          "Layer with the largest mean restoration effect at the last subject token (band 1.96 std/sqrt(n))."),
         ("Gini of the last-subject restoration effect", tables["gini"], None,

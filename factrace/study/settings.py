@@ -27,8 +27,8 @@ class StudySettings:
         n: trace the first ``n`` known facts per model (100, the study's; None: all).
         kinds: restoration kinds (hidden, mlp, attn).
         samples, window: noise samples (10) and restoration window (10) of :func:`factrace.trace`.
-        knockout_window: layers per knockout window (5, the paper's text; CAARM's code uses 6); clipped to
-            L-1 for very shallow models.
+        knockout_window: layers per knockout window (None: the preset's, 5 = the paper's text, 6 for
+            ``reference="caarm"``, whose code blocks 6); clipped to L-1 for very shallow models.
         noise: ``"s<k>"`` (``"s3"``: 3 x std of the embeddings of ALL the dataset's subjects, per model) or a
             number.
         seed: noise seed (1).
@@ -48,13 +48,21 @@ class StudySettings:
             averages need them) or ``"last_subject"`` (only the last subject token: the per-layer curves,
             peaks and Gini the study reads, at a fraction of the cost; the category averages then show that
             category only). The report records which was run.
+        reference: ``None`` (factrace's definitions), ``"rome"`` or ``"caarm"``: every stage runs that code's
+            semantics (the ``reference=`` presets of :func:`factrace.known_facts`, :func:`factrace.noise_level`,
+            :func:`factrace.trace`, :func:`factrace.sever`, :func:`factrace.knockout`, the objects rate and
+            :func:`factrace.gini`; with ``add_special_tokens="auto"`` the preset's tokenization: ROME's special
+            tokens everywhere, CAARM's none except for knockout). ROME has no knockout, objects rate or Gini:
+            those stages keep factrace's definitions under ``"rome"``. Written into the report.
+        known_criterion: ``"first_token"`` or ``"whole_attribute"`` (None: the preset's; see
+            :func:`factrace.known_facts`).
     """
 
     n: int | None = 100
     kinds: tuple = KINDS
     samples: int = 10
     window: int = 10
-    knockout_window: int = 5
+    knockout_window: int | None = None
     noise: str | float = "s3"
     seed: int = 1
     add_special_tokens: bool | str = "auto"
@@ -65,10 +73,22 @@ class StudySettings:
     corpus: tuple | str | None = None
     chunk: int = 10
     positions: str | None = None
+    reference: str | None = None
+    known_criterion: str | None = None
 
     def __post_init__(self):
+        from ..methods._reference import check_reference
+
         kinds = tuple(self.kinds)
         object.__setattr__(self, "kinds", kinds)
+        ref = check_reference(self.reference)
+        object.__setattr__(self, "reference", ref)
+        if self.knockout_window is None:
+            object.__setattr__(self, "knockout_window", 6 if ref == "caarm" else 5)
+        crit = self.known_criterion or ("whole_attribute" if ref else "first_token")
+        if crit not in ("first_token", "whole_attribute"):
+            raise ValueError(f"known_criterion must be 'first_token' or 'whole_attribute', got {self.known_criterion!r}")
+        object.__setattr__(self, "known_criterion", crit)
         if not kinds or any(k not in KINDS for k in kinds):
             raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
         if self.n is not None and int(self.n) < 1:
@@ -85,8 +105,8 @@ class StudySettings:
     @property
     def noise_spec(self) -> tuple:
         """``("s", k)`` for ``"s<k>"``, ``("abs", level)`` for a number."""
-        if isinstance(self.noise, str):
-            return ("s", float(self.noise[1:] or 3))
+        if isinstance(self.noise, str):  # a bare "s": k = 3 (factrace), k = 1 (the references' parse_noise_rule)
+            return ("s", float(self.noise[1:] or (1 if self.reference else 3)))
         return ("abs", float(self.noise))
 
     def resolved(self, objects_available: bool) -> "StudySettings":

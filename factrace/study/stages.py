@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..methods._common import _field, _progress, subject_span
+from ..methods._common import _field, _progress
+from ..methods._reference import _prepare
 from ..methods.knockout import gini, knockout
 from ..methods.severing import sever
 from ..methods.tracing import noise_level
@@ -49,7 +50,7 @@ def _record_dict(r) -> dict:
             "attribute": str(_field(r, "attribute", "object", "target") or "").lstrip()}
 
 
-def _check_inputs(m, records, add_special_tokens):
+def _check_inputs(m, records, add_special_tokens, reference=None):
     """Split records into usable ones and (record, reason) for those that cannot be traced."""
     ok, bad = [], []
     for i, r in enumerate(records):
@@ -62,7 +63,7 @@ def _check_inputs(m, records, add_special_tokens):
             bad.append((d, f"subject {d['subject']!r} is not in the prompt {d['prompt']!r}"))
             continue
         try:
-            subject_span(m, d["prompt"], d["subject"], add_special_tokens=add_special_tokens)
+            _prepare(m, d["prompt"], d["subject"], add_special_tokens, reference)
         except ValueError as e:
             bad.append((d, f"subject tokenizes to nothing: {e}"))
             continue
@@ -110,7 +111,7 @@ def _chunked(store: _Store, stage: str, facts, fn, chunk: int, progress: bool, d
 def _stage_known(m, records, special, s: StudySettings, block=64):
     import pandas as pd
 
-    ok, bad = _check_inputs(m, records, special)
+    ok, bad = _check_inputs(m, records, special, s.reference)
     rows = [dict(d, status="invalid", reason=why, answer=-1, answer_str="") for d, why in bad]
     kept = 0
     for i in range(0, len(ok), block):
@@ -120,7 +121,8 @@ def _stage_known(m, records, special, s: StudySettings, block=64):
                           answer_str="") for d in todo]
             continue
         if s.known_only:
-            known, rejected = known_facts(m, todo, add_special_tokens=special)
+            known, rejected = known_facts(m, todo, add_special_tokens=special, criterion=s.known_criterion,
+                                          reference=s.reference)
         else:  # every usable record, with the model's own greedy answer
             known, rejected = [], []
             for d in todo:
@@ -140,7 +142,8 @@ def _stage_known(m, records, special, s: StudySettings, block=64):
 def _stage_restoration(m, facts, level, special, s: StudySettings, client):
     dt = trace_dataset(m, [{k: f[k] for k in ("prompt", "subject", "attribute")} for f in facts], kinds=s.kinds,
                        window=s.window, samples=s.samples, noise=level, seed=s.seed, known_only=False,
-                       add_special_tokens=special, progress=False, client=client, positions=s.positions)
+                       add_special_tokens=special, progress=False, client=client, positions=s.positions,
+                       reference=s.reference)
     if dt.interrupted:
         raise KeyboardInterrupt
     ids = np.array([f["fact"] for f in facts])
@@ -158,7 +161,7 @@ def _stage_severing(m, facts, level, special, s: StudySettings):
     for f in facts:
         for frozen in ("mlp", "attn"):
             r = sever(m, f["prompt"], f["subject"], frozen=frozen, samples=s.samples, noise=level, seed=s.seed,
-                      target=f["answer"], add_special_tokens=special)
+                      target=f["answer"], add_special_tokens=special, reference=s.reference)
             d = r.to_frame()
             d.insert(0, "fact", f["fact"])
             d["low_score"], d["high_score"] = r.low_score, r.high_score
@@ -166,14 +169,15 @@ def _stage_severing(m, facts, level, special, s: StudySettings):
     return pd.concat(out, ignore_index=True)
 
 
-def _references(f, corpus, top_n=3):
+def _references(f, corpus, top_n=3, reference=None, m=None):
     from . import objects as O
 
+    kw = dict(reference=reference, model=m) if reference == "caarm" else {}
     if corpus:
-        refs = O.references_from_corpus(f["subject"], list(corpus), top_n=top_n)
+        refs = O.references_from_corpus(f["subject"], list(corpus), top_n=top_n, **kw)
         if refs:
             return refs
-    return O.reference_words([f["prompt"], f["subject"], f["attribute"]])
+    return O.reference_words([f["prompt"], f["subject"], f["attribute"]], **kw)
 
 
 def _stage_knockout(m, facts, special, s: StudySettings, encoder):
@@ -183,16 +187,18 @@ def _stage_knockout(m, facts, special, s: StudySettings, encoder):
 
     out = []
     w = min(s.knockout_window, max(1, m.config.n_layers - 1))
+    ref = s.reference if s.reference == "caarm" else None  # ROME has no knockout / objects rate
     for f in facts:
-        refs = _references(f, s.corpus) if s.objects else None
+        refs = _references(f, s.corpus, reference=ref, m=m) if s.objects else None
 
         def rate(ids):
-            c = O.candidates_from_tokens([m.decode([int(i)]) for i in ids])
-            return O.objects_rate(c, refs, tau=s.tau, encoder=encoder)
+            c = O.candidates_from_tokens([m.decode([int(i)]) for i in ids], reference=ref)
+            r = O.objects_rate(c, refs, tau=s.tau, encoder=encoder, reference=ref)
+            return np.nan if r == -1 else r  # CAARM's "no data" (-1), left out of its averages
 
         for kind in ("mlp", "attn"):
             k = knockout(m, f["prompt"], f["subject"], kind=kind, window=w, target=f["answer"],
-                         add_special_tokens=special)
+                         add_special_tokens=special, reference=ref)
             d = k.to_frame()
             d.insert(0, "fact", f["fact"])
             d["objects_rate"] = [rate(ids) for ids in k.subject_topk] if s.objects else np.nan
@@ -207,7 +213,7 @@ def _last_subject(rest):
     return g[["fact", "kind", "layer", "effect"]]
 
 
-def _stage_gini(rest, kinds):
+def _stage_gini(rest, kinds, reference=None):
     import pandas as pd
 
     rows = []
@@ -218,8 +224,8 @@ def _stage_gini(rest, kinds):
             rows.append(dict(kind=kind, gini=np.nan, gini_fact_mean=np.nan, gini_fact_band=np.nan, n=0))
             continue
         mean = g.groupby("layer").effect.mean().sort_index().to_numpy()
-        per = [gini(x.sort_values("layer").effect.to_numpy()) for _, x in g.groupby("fact")]
-        rows.append(dict(kind=kind, gini=gini(mean), gini_fact_mean=float(np.mean(per)),
+        per = [gini(x.sort_values("layer").effect.to_numpy(), reference) for _, x in g.groupby("fact")]
+        rows.append(dict(kind=kind, gini=gini(mean, reference), gini_fact_mean=float(np.mean(per)),
                          gini_fact_band=float(1.96 * np.std(per) / np.sqrt(len(per))), n=len(per)))
     return pd.DataFrame(rows)
 
@@ -228,14 +234,20 @@ def _stage_gini(rest, kinds):
 # one model
 
 
-def special_tokens_for(m, setting) -> bool:
+def special_tokens_for(m, setting, reference=None, where: str = "trace") -> bool:
     """Resolve ``add_special_tokens``: a bool is used as given; ``"auto"`` follows the study (no special
     tokens) except for Gemma, which is only usable with its BOS token (without it gemma3-270m knows none
-    of the first 50 known_1000 facts; with it, 24 of the first 60)."""
+    of the first 50 known_1000 facts; with it, 24 of the first 60). Under a preset ``"auto"`` is that code's
+    tokenization: ROME the tokenizer's special tokens everywhere, CAARM none except for knockout
+    (``where="knockout"``)."""
     if isinstance(setting, bool):
         return setting
     if setting != "auto":
         raise ValueError(f"add_special_tokens must be True, False or 'auto', got {setting!r}")
+    if reference == "rome":
+        return True
+    if reference == "caarm":
+        return where == "knockout"
     return m.config.arch == "Gemma3ForCausalLM"
 
 
@@ -246,7 +258,7 @@ def _noise(m, records, s: StudySettings) -> float:
     if kind == "abs":
         return k
     try:
-        return noise_level(m, [x for x in (_field(r, "subject") for r in records) if x], k)
+        return noise_level(m, [x for x in (_field(r, "subject") for r in records) if x], k, reference=s.reference)
     except ValueError:
         return float("nan")
 
@@ -259,11 +271,12 @@ def run_model(spec, label, records, dataset_name, s: StudySettings, *, encoder, 
     import factrace
 
     m = spec if isinstance(spec, factrace.Model) else factrace.load(spec)
-    special = special_tokens_for(m, s.add_special_tokens)
+    special = special_tokens_for(m, s.add_special_tokens, s.reference)
+    special_ko = special_tokens_for(m, s.add_special_tokens, s.reference, "knockout")
     result.special[label] = special
     source = str(getattr(m, "source", None) or getattr(m, "name", label))
     key = _hash(dict(source=source, dataset=dataset_name, records=_hash([_record_dict(r) for r in records]),
-                     settings=s.to_dict(), corpus=_hash(s.corpus) if s.corpus else None, special=special,
+                     settings=s.to_dict(), corpus=_hash(s.corpus) if s.corpus else None, special=special if special_ko == special else [special, special_ko],
                      v=FORMAT_VERSION))
     store = _Store(data_dir / label, key)
     frames = {"model": m, "label": label, "L": m.config.n_layers, "source": source}
@@ -299,6 +312,6 @@ def run_model(spec, label, records, dataset_name, s: StudySettings, *, encoder, 
         return frames
     frames["restoration"] = chunked("restoration", lambda c: _stage_restoration(m, c, level, special, s, client))
     frames["severing"] = chunked("severing", lambda c: _stage_severing(m, c, level, special, s))
-    frames["knockout"] = chunked("knockout", lambda c: _stage_knockout(m, c, special, s, encoder))
-    frames["gini"] = stage("gini", lambda: (_stage_gini(frames["restoration"], s.kinds), {}))
+    frames["knockout"] = chunked("knockout", lambda c: _stage_knockout(m, c, special_ko, s, encoder))
+    frames["gini"] = stage("gini", lambda: (_stage_gini(frames["restoration"], s.kinds, s.reference), {}))
     return frames
