@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import MissingDependencyError
+from .._optional import need
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -201,19 +201,13 @@ def _target_value(logits_row, pos, neg):
 
 
 def _pd():
-    try:
-        import pandas as pd
-    except ImportError as e:  # pragma: no cover
-        raise MissingDependencyError("this needs pandas: pip install 'factrace[analysis]'") from e
-    return pd
+    return need("pandas", "this table")
 
 
 def _plt():
     """matplotlib's Figure class: figures are built without pyplot, so they work under Agg, in scripts
     and in notebooks (Jupyter renders a returned Figure) without touching the global backend."""
-    from matplotlib.figure import Figure
-
-    return Figure
+    return need("matplotlib.figure", "this figure").Figure
 
 
 def _record_fields(rec):

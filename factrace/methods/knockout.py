@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import interventions as iv
+from .._optional import need
 from ..model import Model
 from ._common import _ids_and_offsets, _softmax_prob, _span
 
@@ -34,7 +35,7 @@ class KnockoutResult:
     subject_range: tuple
 
     def to_frame(self):
-        import pandas as pd
+        pd = need("pandas", "KnockoutResult.to_frame()")
 
         return pd.DataFrame({"kind": self.kind, "start": self.starts, "window": self.window,
                              "prob": self.probs, "clean_prob": self.clean_prob,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import interventions as iv
+from .._optional import need
 from ..model import Model
 from ._common import _ids_and_offsets, _softmax_prob, _span
 from .tracing import _noise_value, _Tracer
@@ -30,7 +31,7 @@ class SeverResult:
     reference_noise: bool
 
     def to_frame(self):
-        import pandas as pd
+        pd = need("pandas", "SeverResult.to_frame()")
 
         L = len(self.effect)
         return pd.DataFrame({"layer": np.arange(L), "frozen": self.frozen, "effect": self.effect,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import interventions as iv
+from .._optional import need
 from ..model import Model
 from ._common import _ids_and_offsets, _softmax_prob, _span, token_embeddings
 
@@ -98,7 +99,7 @@ class TraceResult:
 
     def to_frame(self):
         """Tidy pandas DataFrame: one row per (position, layer) with token, in_subject, score, effect."""
-        import pandas as pd
+        pd = need("pandas", "TraceResult.to_frame()")
 
         T, L = self.scores.shape
         b, e = self.subject_range
@@ -113,10 +114,10 @@ class TraceResult:
 
     def plot(self, ax=None, title=None):
         """The layer x token heatmap of ROME, subject tokens marked with '*'; returns the Figure."""
-        import matplotlib
+        matplotlib = need("matplotlib", "TraceResult.plot()")
 
         if ax is None:
-            import matplotlib.pyplot as plt
+            plt = need("matplotlib.pyplot", "TraceResult.plot()")
 
             fig, ax = plt.subplots(figsize=(max(4.0, 0.28 * self.scores.shape[1] + 2), 0.32 * len(self.tokens) + 1.2),
                                    dpi=110)

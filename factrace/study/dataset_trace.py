@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._optional import need
 from ..methods._common import _field, _progress
 from ..methods.tracing import KINDS, _noise_value, trace_all
 from ..model import Model
@@ -74,7 +75,7 @@ class DatasetTrace:
         """ROME's averaged figure data: per kind, category and layer the mean score, AIE (mean score -
         mean low_score over prompts), error band (1.96 std / sqrt(n)) and n. Pooled categories weight
         prompts by token count."""
-        import pandas as pd
+        pd = need("pandas", "DatasetTrace.averages()")
 
         f = self.frame
         rows = []
@@ -106,7 +107,7 @@ class DatasetTrace:
 
     def plot(self, kind="hidden"):
         """ROME's averaged line plot: AIE per layer for each of the six categories, with error bands."""
-        import matplotlib.pyplot as plt
+        plt = need("matplotlib.pyplot", "DatasetTrace.plot()")
 
         av = self.averages()
         av = av[av.kind == kind]
@@ -167,7 +168,7 @@ def trace_dataset(m: Model, records, kinds=KINDS, window: int = 10, samples: int
         >>> dt = factrace.trace_dataset(m, load_dataset("known_1000"), n=100)        # doctest: +SKIP
         >>> dt.averages().head(); dt.ate()                                           # doctest: +SKIP
     """
-    import pandas as pd
+    pd = need("pandas", "trace_dataset")
 
     records = list(records)
     if known_only:

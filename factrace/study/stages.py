@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._optional import need
 from ..methods._common import _field, _progress, subject_span
 from ..methods.knockout import gini, knockout
 from ..methods.severing import sever
@@ -85,7 +86,7 @@ def objects_available() -> bool:
 def _chunked(store: _Store, stage: str, facts, fn, chunk: int, progress: bool, desc: str):
     """Run ``fn(list of fact dicts) -> DataFrame`` over chunks of facts; each finished chunk is saved
     (atomically) so that an interrupted stage resumes from the last finished chunk."""
-    import pandas as pd
+    pd = need("pandas", "the report")
 
     chunks = [facts[i:i + chunk] for i in range(0, len(facts), chunk)]
     parts = []
@@ -108,7 +109,7 @@ def _chunked(store: _Store, stage: str, facts, fn, chunk: int, progress: bool, d
 
 
 def _stage_known(m, records, special, s: StudySettings, block=64):
-    import pandas as pd
+    pd = need("pandas", "the report")
 
     ok, bad = _check_inputs(m, records, special)
     rows = [dict(d, status="invalid", reason=why, answer=-1, answer_str="") for d, why in bad]
@@ -152,7 +153,7 @@ def _stage_restoration(m, facts, level, special, s: StudySettings, client):
 
 
 def _stage_severing(m, facts, level, special, s: StudySettings):
-    import pandas as pd
+    pd = need("pandas", "the report")
 
     out = []
     for f in facts:
@@ -177,7 +178,7 @@ def _references(f, corpus, top_n=3):
 
 
 def _stage_knockout(m, facts, special, s: StudySettings, encoder):
-    import pandas as pd
+    pd = need("pandas", "the report")
 
     from . import objects as O
 
@@ -208,7 +209,7 @@ def _last_subject(rest):
 
 
 def _stage_gini(rest, kinds):
-    import pandas as pd
+    pd = need("pandas", "the report")
 
     rows = []
     ls = _last_subject(rest)
