@@ -17,8 +17,7 @@ import sys
 
 import numpy as np
 
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_here, os.path.dirname(_here)]  # common.py; the repo's factrace when not installed
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py (it picks and prints the factrace)
 from common import (bench, gpt2_forward_flops, gpt2_small_pair, print_table, setup_threads,  # noqa: E402
                     sgemm_gflops)
 

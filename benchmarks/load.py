@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import common  # noqa: E402,F401  (it picks and prints the factrace)
 
 CHILD = r"""
 import json, resource, sys, time
@@ -57,7 +57,7 @@ def main():
             print(f"{name}: not installed, skipped")
             continue
         packaged.resolve(name)  # assemble split files once, outside the measurement
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = common.child_env()
         r = subprocess.run([sys.executable, "-c", CHILD, name, str(a.threads)], capture_output=True, text=True,
                            env=env)
         if r.returncode:

@@ -144,7 +144,7 @@ def build_parser():
     sub = p.add_subparsers(dest="cmd", required=True)
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show the full traceback of an error (also FACTRACE_DEBUG=1)")
+                       help="show the full traceback of an error (also FACTRACE_TRACEBACK=1)")
 
     def common(sp):
         sp.add_argument("--model", required=True, help="model dir, .gguf file, cached repo id or short name (smollm2, ...)")
@@ -213,12 +213,12 @@ _OPTIONAL = ("pandas", "matplotlib", "pyarrow", "sentence_transformers", "rank_b
 def main(argv=None):
     """Run the command line. Known errors (factrace's own: bad checkpoint, config, input, failed download,
     model too large, missing optional package, ...) and bad paths or values print ONE line on stderr,
-    ``factrace: error: <message>``, and return 2; ``--debug`` (or ``FACTRACE_DEBUG=1``) shows the traceback
+    ``factrace: error: <message>``, and return 2; ``--debug`` (or ``FACTRACE_TRACEBACK=1``) shows the traceback
     instead. Ctrl-C returns 130. Anything else is a bug and keeps its traceback."""
     from .errors import FactraceError
 
     args = build_parser().parse_args(argv)
-    debug = getattr(args, "debug", False) or os.environ.get("FACTRACE_DEBUG", "") not in ("", "0")
+    debug = getattr(args, "debug", False) or os.environ.get("FACTRACE_TRACEBACK", "") not in ("", "0")
     try:
         args.fn(args)
     except KeyboardInterrupt:

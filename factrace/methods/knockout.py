@@ -10,7 +10,7 @@ import numpy as np
 from .. import interventions as iv
 from .._optional import need
 from ..model import Model
-from ._common import _ids_and_offsets, _softmax_prob, _span
+from ._common import _ids_and_offsets, _softmax_prob, _span, result_html
 
 
 @dataclass
@@ -33,6 +33,11 @@ class KnockoutResult:
     clean_topk: np.ndarray
     answer: int
     subject_range: tuple
+
+    def _repr_html_(self):
+        return result_html(self, figure=None, columns={"start": self.starts, "prob": self.probs, "relative change %":
+                                                       (self.probs - self.clean_prob) / self.clean_prob * 100},
+                           title=f"KnockoutResult ({self.kind}, window {self.window}): clean p {self.clean_prob:.4f}")
 
     def to_frame(self):
         pd = need("pandas", "KnockoutResult.to_frame()")

@@ -11,7 +11,7 @@ import numpy as np
 from .. import interventions as iv
 from .._optional import need
 from ..model import Model
-from ._common import _ids_and_offsets, _softmax_prob, _span
+from ._common import _ids_and_offsets, _softmax_prob, _span, result_html
 from .tracing import _noise_value, _Tracer
 
 
@@ -29,6 +29,11 @@ class SeverResult:
     subject_range: tuple
     answer: int
     reference_noise: bool
+
+    def _repr_html_(self):
+        return result_html(self, figure=None, columns={"layer": np.arange(len(self.effect)), "effect": self.effect,
+                                                       "unsevered": self.unsevered},
+                           title=f"SeverResult (frozen {self.frozen})")
 
     def to_frame(self):
         pd = need("pandas", "SeverResult.to_frame()")

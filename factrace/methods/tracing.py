@@ -21,7 +21,7 @@ import numpy as np
 from .. import interventions as iv
 from .._optional import need
 from ..model import Model
-from ._common import _ids_and_offsets, _softmax_prob, _span, token_embeddings
+from ._common import _ids_and_offsets, _softmax_prob, _span, result_html, token_embeddings
 
 KINDS = ("hidden", "mlp", "attn")
 
@@ -91,6 +91,10 @@ class TraceResult:
     answer_str: str = ""
     prompt: str | None = None
     extra: dict = field(default_factory=dict)
+
+    def _repr_html_(self):
+        return result_html(self, title=f"TraceResult ({self.kind}): p({self.answer_str!r}) clean {self.high_score:.4f}, "
+                                       f"corrupted {self.low_score:.4f}")
 
     @property
     def effect(self) -> np.ndarray:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._optional import need
-from ..methods._common import _field, _progress
+from ..methods._common import _field, _progress, result_html
 from ..methods.tracing import KINDS, _noise_value, trace_all
 from ..model import Model
 
@@ -70,6 +70,10 @@ class DatasetTrace:
     rejected: list
     kinds: tuple
     interrupted: bool = False
+
+    def _repr_html_(self):
+        return result_html(self, title=f"DatasetTrace: {len(self.facts)} facts, kinds {', '.join(self.kinds)}"
+                                       f"{' (interrupted)' if self.interrupted else ''}")
 
     def averages(self):
         """ROME's averaged figure data: per kind, category and layer the mean score, AIE (mean score -
