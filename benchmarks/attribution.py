@@ -23,11 +23,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:  # run from a source checkout without installing
-    import factrace  # noqa: F401
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py (it picks and prints the factrace)
 from common import bench, gpt2_small_pair, print_table, setup_threads  # noqa: E402
 
 
@@ -99,7 +95,7 @@ def main(argv=None):
     fm, tm, tmpdir = gpt2_small_pair(seed=0)
     tm.set_attn_implementation("eager")  # attention probabilities need eager attention
     print(f"factrace {factrace.__version__} BLAS={factrace.BLAS}; torch {torch.__version__}; threads={n}")
-    print(f"model: GPT-2 small shape (L=12, H=12, d=768, V=50257), random weights; target = clean top-1")
+    print("model: GPT-2 small shape (L=12, H=12, d=768, V=50257), random weights; target = clean top-1")
     rng = np.random.default_rng(0)
     rows = []
     for T in args.tokens:

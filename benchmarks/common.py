@@ -1,5 +1,9 @@
 """Shared helpers for factrace's benchmarks.
 
+- Importing this module picks the factrace the benchmark runs against and prints it: the source tree
+  when its C core is built in place (``python setup.py build_ext --inplace``, or an editable install),
+  else the installed package (the source tree is then taken off ``sys.path``, so it cannot shadow the
+  installed package). :func:`child_env` gives a subprocess the same choice.
 - :func:`setup_threads` sets the same thread count for factrace and torch.
 - :func:`bench` times a callable: warmup runs, then ``repeat`` timed runs; best and median.
 - :func:`sgemm_gflops` measures the linked OpenBLAS sgemm rate through ``factrace._core.sgemm``
@@ -18,10 +22,64 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def built_in_place(root: Path = ROOT) -> bool:
+    """Whether the source tree's factrace has its C core built next to the sources."""
+    pkg = root / "factrace"
+    return any(pkg.glob("_core*.so")) or any(pkg.glob("_core*.pyd"))
+
+
+def _same_dir(entry: str, root: Path) -> bool:
+    try:
+        return Path(entry or ".").resolve() == root
+    except OSError:  # pragma: no cover
+        return False
+
+
+def use_factrace(quiet: bool = False):
+    """Import factrace from the source tree if it is built in place, else the installed package (the
+    source tree is removed from ``sys.path``); print which. Returns the module."""
+    if "factrace" not in sys.modules:
+        sys.path[:] = [p for p in sys.path if not _same_dir(p, ROOT)]
+        if built_in_place():
+            sys.path.insert(0, str(ROOT))
+    try:
+        import factrace
+    except ImportError as e:
+        raise SystemExit(f"benchmark: cannot import factrace ({e}). Install it (pip install .) or build the "
+                         f"source tree in place (python setup.py build_ext --inplace).") from None
+    loc = Path(factrace.__file__).resolve().parent
+    what = "the source tree, built in place" if loc.parent == ROOT else "the installed package"
+    if not quiet:
+        print(f"benchmark: factrace {factrace.__version__} from {loc} ({what}); BLAS {factrace.BLAS}", flush=True)
+    return factrace
+
+
+def child_env(env=None) -> dict:
+    """Environment for a subprocess that must import the same factrace as this benchmark."""
+    env = dict(os.environ if env is None else env)
+    import factrace
+
+    loc = Path(factrace.__file__).resolve().parent
+    if loc.parent == ROOT:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    else:  # the installed package: keep the source tree off the child's path, also the current directory
+        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and not _same_dir(p, ROOT)]
+        env["PYTHONPATH"] = os.pathsep.join(parts)
+        env["PYTHONSAFEPATH"] = "1"  # `python -c` run in the checkout would put it first (Python >= 3.11)
+    return env
+
+
+use_factrace()
 
 
 def default_threads() -> int:

@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py (it picks and prints the factrace)
 from common import (bench, cpu_model, forward_flops, gpt2_small_pair, print_table, read_bandwidth,  # noqa: E402
                     setup_threads, sgemm_gflops, weight_bytes)
 

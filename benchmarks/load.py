@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py (it picks and prints the factrace)
+import common  # noqa: E402
 from common import cpu_model  # noqa: E402
 
 CHILD = r"""
@@ -109,7 +110,7 @@ def llama7b_q4k(path: Path) -> Path:
 
 def run_child(src, threads, weights, big=False):
     r = subprocess.run([sys.executable, "-c", CHILD, str(src), str(threads), weights, "1" if big else "0"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=common.child_env())
     if r.returncode:
         print(r.stderr[-3000:])
         return None

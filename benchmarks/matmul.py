@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 _here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_here, os.path.dirname(_here)]  # common.py; the repo's factrace when not installed
+sys.path.insert(0, _here)  # common.py (it picks and prints the factrace: installed, or the tree built in place)
 from common import print_table  # noqa: E402
 
 SHAPES = {  # name: (n_in, n_out)

@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's factrace when not installed
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # rome_reference (after the packages)
 
-import common  # noqa: E402
+import common  # noqa: E402  (it picks and prints the factrace)
 
 
 def run_case(label, fm, tm, ids, span, noise, skip_naive, kinds=("hidden", "mlp", "attn")):

@@ -19,8 +19,9 @@ from ._blas import preload as _preload
 _preload()
 
 from . import _core  # noqa: E402
-from .errors import (CheckpointError, ConfigError, FactraceError, GGUFError, HubError, InputError,  # noqa: E402
-                     ModelNotFoundError, ModelNotInstalledError, ModelTooLargeError)
+from .errors import (CheckpointError, ConfigError, DatasetDownloadError, FactraceError, GGUFError,  # noqa: E402
+                     HubError, InputError, MissingDependencyError, ModelNotFoundError, ModelNotInstalledError,
+                     ModelTooLargeError)
 from .interventions import Intervention, add, block_attention, freeze, set_values, zero  # noqa: E402
 from .io.config import SUPPORTED_ARCHS, ModelConfig  # noqa: E402
 from .io.load import load  # noqa: E402
@@ -49,8 +50,9 @@ _LAZY_MODULES = {"datasets": "study.datasets", "objects": "study.objects", "repo
 
 __all__ = ["load", "Model", "RunResult", "ModelConfig", "SUPPORTED_ARCHS", "FactraceError", "ConfigError",
            "CheckpointError", "GGUFError", "HubError", "InputError", "ModelNotFoundError", "ModelNotInstalledError",
-           "ModelTooLargeError", "Intervention", "add", "set_values", "freeze", "zero", "block_attention",
-           "set_num_threads", "get_num_threads", "BLAS"] + sorted(_LAZY)
+           "ModelTooLargeError", "MissingDependencyError", "DatasetDownloadError", "Intervention", "add",
+           "set_values", "freeze", "zero", "block_attention", "set_num_threads", "get_num_threads",
+           "BLAS"] + sorted(_LAZY)
 
 
 def __getattr__(name):

@@ -11,11 +11,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from ._optional import need
 
 
 def _load(name):
@@ -32,7 +35,7 @@ def _out_dir(path) -> Path | None:
         return None
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise SystemExit(f"factrace: --out {p} exists and is not a directory")
+        raise NotADirectoryError(f"--out {p} exists and is not a directory")
     p.mkdir(parents=True, exist_ok=True)
     return p
 
@@ -63,6 +66,10 @@ def cmd_run(a):
 def cmd_trace(a):
     import factrace
 
+    out = _out_dir(a.out)
+    if out:  # the files need these: say so before the trace, not after it
+        need("pandas", "factrace trace --out")
+        need("matplotlib", "factrace trace --out")
     m = _load(a.model)
     kinds = a.kind or ["hidden", "mlp", "attn"]
     t0 = time.perf_counter()
@@ -79,9 +86,8 @@ def cmd_trace(a):
         t, l = np.unravel_index(np.argmax(eff), eff.shape)
         print(f"  {kind:<6} strongest restoration: token {t} {r.tokens[t]!r}, layer {l}: effect {eff[t, l]:+.4f}; "
               f"last subject token peaks at layer {int(np.argmax(eff[e - 1]))}")
-    out = _out_dir(a.out)
     if out:
-        import pandas as pd
+        pd = need("pandas", "factrace trace --out")
 
         frames = []
         for kind, r in res.items():
@@ -134,7 +140,11 @@ def cmd_report(a):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="factrace", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error (also FACTRACE_TRACEBACK=1)")
 
     def common(sp):
         sp.add_argument("--model", required=True, help="model dir, .gguf file, cached repo id or short name (smollm2, ...)")
@@ -142,13 +152,13 @@ def build_parser():
         sp.add_argument("--out", help="directory for figures and tables")
         sp.add_argument("--no-special-tokens", action="store_true", help="tokenize without BOS etc.")
 
-    r = sub.add_parser("run", help="top next tokens and the captured residual stream of a prompt",
+    r = sub.add_parser("run", parents=[debug], help="top next tokens and the captured residual stream of a prompt",
                        epilog='example: factrace run --model smollm2 --prompt "The capital of Japan is"')
     common(r)
     r.add_argument("--top", type=int, default=5)
     r.set_defaults(fn=cmd_run)
 
-    t = sub.add_parser("trace", help="causal trace (hidden, mlp, attn) of a fact",
+    t = sub.add_parser("trace", parents=[debug], help="causal trace (hidden, mlp, attn) of a fact",
                        epilog='example: factrace trace --model smollm2 --prompt "The Eiffel Tower is located in the '
                               'city of" --subject "The Eiffel Tower" --out out/')
     common(t)
@@ -160,7 +170,7 @@ def build_parser():
     t.add_argument("--seed", type=int, default=1)
     t.set_defaults(fn=cmd_trace)
 
-    d = sub.add_parser("dla", help="direct logit attribution by component, head and source token",
+    d = sub.add_parser("dla", parents=[debug], help="direct logit attribution by component, head and source token",
                        epilog='example: factrace dla --model smollm2 --prompt "Fact: The Colosseum is in the country of" '
                               '--subject "The Colosseum"')
     common(d)
@@ -169,13 +179,13 @@ def build_parser():
     d.add_argument("--top", type=int, default=10)
     d.set_defaults(fn=cmd_dla)
 
-    ln = sub.add_parser("lens", help="logit lens: top tokens per layer and position",
+    ln = sub.add_parser("lens", parents=[debug], help="logit lens: top tokens per layer and position",
                         epilog='example: factrace lens --model smollm2 --prompt "The capital of Japan is"')
     common(ln)
     ln.add_argument("--target")
     ln.set_defaults(fn=cmd_lens)
 
-    rp = sub.add_parser("report", help="cross-architecture study report (restoration, severing, knockout, Gini)",
+    rp = sub.add_parser("report", parents=[debug], help="cross-architecture study report (restoration, severing, knockout, Gini)",
                         epilog="example: factrace report --model smollm2 --model gemma3-270m --dataset known_1000 "
                                "--n 100 --out report/")
     try:
@@ -188,15 +198,45 @@ def build_parser():
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    """``factrace: error: <message>`` on one line (a multi-line message, e.g. a pip command on its own
+    line, is joined with single spaces)."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return f"factrace: error: {msg}"
+
+
+# optional packages a missing import of which is shown as one line (a MissingDependencyError raised
+# somewhere factrace does not check first, e.g. inside pandas or matplotlib)
+_OPTIONAL = ("pandas", "matplotlib", "pyarrow", "sentence_transformers", "rank_bm25", "dask", "distributed", "tqdm")
+
+
 def main(argv=None):
+    """Run the command line. Known errors (factrace's own: bad checkpoint, config, input, failed download,
+    model too large, missing optional package, ...) and bad paths or values print ONE line on stderr,
+    ``factrace: error: <message>``, and return 2; ``--debug`` (or ``FACTRACE_TRACEBACK=1``) shows the traceback
+    instead. Ctrl-C returns 130. Anything else is a bug and keeps its traceback."""
+    from .errors import FactraceError
+
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("FACTRACE_TRACEBACK", "") not in ("", "0")
     try:
         args.fn(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError) as e:
-        print(f"factrace: error: {e}", file=sys.stderr)
+    except ImportError as e:
+        if debug or not (isinstance(e, FactraceError) or (e.name or "").split(".")[0] in _OPTIONAL):
+            raise
+        if not isinstance(e, FactraceError):
+            from ._optional import missing
+
+            e = missing(e.name, f"factrace {args.cmd}", e)
+        print(_one_line(e), file=sys.stderr)
+        return 2
+    except (FactraceError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+        if debug:
+            raise
+        print(_one_line(e), file=sys.stderr)
         return 2
     return 0
 

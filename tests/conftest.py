@@ -46,3 +46,20 @@ def fixture_model(name):
 
 def expected(name):
     return dict(np.load(FIXTURES / name / "expected.npz"))
+
+
+def join_or_dump(threads, timeout, what="a worker thread"):
+    """Join ``threads`` within ``timeout`` s in all; if one is still alive, write every thread's Python
+    stack to stderr (faulthandler; pytest shows it with the failure) and fail saying which hung."""
+    import faulthandler
+    import sys
+    import time
+
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    alive = [t.name for t in threads if t.is_alive()]
+    if alive:
+        print(f"\n{what} hung ({', '.join(alive)} alive after {timeout:.0f} s); stacks:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        pytest.fail(f"{what} hung: {', '.join(alive)} still alive after {timeout:.0f} s (stacks on stderr)")

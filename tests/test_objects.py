@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+import factrace
 from factrace.study import objects as ob
 from factrace.study.objects import DictEncoder, Encoder, FunctionEncoder, as_encoder, candidates_from_scores, candidates_from_tokens, load_stopwords, match_candidates, objects_rate, reference_words, similarity_matrix
 
@@ -104,7 +105,7 @@ def test_bm25():
 
 def test_bm25_missing_gives_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "rank_bm25", None)
-    with pytest.raises(ImportError, match=r"factrace\[semantic\]"):
+    with pytest.raises(factrace.MissingDependencyError, match=r"pip install rank-bm25 \(or factrace's \[semantic\] extra\)"):
         ob.bm25_retrieve("a", ["a b"])
 
 
@@ -215,7 +216,7 @@ def test_encoder_empty_encode():
 
 def test_missing_sentence_transformers_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)
-    with pytest.raises(ImportError, match=r"pip install factrace\[semantic\]"):
+    with pytest.raises(factrace.MissingDependencyError, match=r"pip install sentence-transformers \(or factrace's \[semantic\] extra\)"):
         ob.SentenceTransformerEncoder("x").encode(["a"])
 
 

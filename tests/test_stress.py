@@ -9,7 +9,7 @@ import numpy as np
 
 import factrace
 
-from conftest import fixture_model
+from conftest import fixture_model, join_or_dump
 
 MODELS = ["gpt2", "llama_gqa2_tied", "gemma3"]
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
@@ -83,9 +83,7 @@ def _stress(jobs):
     threads = [threading.Thread(target=worker, args=(s,)) for s in range(THREADS)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not any(t.is_alive() for t in threads), "a worker hung"
+    join_or_dump(threads, 1200, "a stress worker")
     if errors:
         raise errors[0]
     assert len(results) == THREADS * ROUNDS * len(jobs)

@@ -10,7 +10,7 @@ import factrace
 from factrace.io.config import from_hf_config
 from factrace.model import Model
 
-from conftest import expected, fixture_model
+from conftest import expected, fixture_model, join_or_dump
 
 ROUNDS = 12
 
@@ -83,9 +83,7 @@ def _hammer(jobs, rounds=ROUNDS):
     threads = [threading.Thread(target=worker, args=(m, n, refs, i)) for i, (m, n, refs) in enumerate(jobs)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(timeout=300)
-        assert not t.is_alive(), "thread hung"
+    join_or_dump(threads, 600, "a forward-pass thread")
     if errors:
         raise errors[0]
 
@@ -155,8 +153,7 @@ def test_big_model_threads_bitwise(big):
     ts = [threading.Thread(target=worker) for _ in range(2)]
     for t in ts:
         t.start()
-    for t in ts:
-        t.join()
+    join_or_dump(ts, 600, "a big-model thread")
     if errors:
         raise errors[0]
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import MissingDependencyError
+from .._optional import need
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -199,19 +199,13 @@ def _target_value(logits_row, pos, neg):
 
 
 def _pd():
-    try:
-        import pandas as pd
-    except ImportError as e:  # pragma: no cover
-        raise MissingDependencyError("this needs pandas: pip install 'factrace[analysis]'") from e
-    return pd
+    return need("pandas", "this table")
 
 
 def _plt():
     """matplotlib's Figure class: figures are built without pyplot, so they work under Agg, in scripts
     and in notebooks (Jupyter renders a returned Figure) without touching the global backend."""
-    from matplotlib.figure import Figure
-
-    return Figure
+    return need("matplotlib.figure", "this figure").Figure
 
 
 def _record_fields(rec):
@@ -228,3 +222,89 @@ def _record_fields(rec):
         tgt = " " + str(obj).lstrip()
     return get("prompt"), get("subject"), tgt, get("relation"), obj
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Jupyter display of results: ``_repr_html_ = result_html`` (or a method calling it with options)
+
+
+def _html_value(v) -> str:
+    """A short text for one field: scalars as they are, arrays / frames / containers by shape."""
+    import html
+
+    if isinstance(v, np.ndarray):
+        s = f"array {tuple(v.shape)} {v.dtype}"
+        if v.size and v.dtype.kind in "fiu":
+            s += f", range [{np.nanmin(v):.4g}, {np.nanmax(v):.4g}]" if np.isfinite(v).any() else ", all NaN"
+    elif hasattr(v, "columns") and hasattr(v, "shape"):  # a DataFrame (pandas is not imported for this)
+        s = f"DataFrame {v.shape[0]} rows x {v.shape[1]} columns"
+    elif isinstance(v, (float, np.floating)):
+        s = f"{float(v):.6g}"
+    elif isinstance(v, dict):
+        s = f"dict of {len(v)}: {', '.join(map(str, list(v)[:6]))}{', ...' if len(v) > 6 else ''}"
+    elif isinstance(v, (list, tuple)) and (len(v) > 8 or any(isinstance(x, (list, dict, np.ndarray)) for x in v)):
+        s = f"{type(v).__name__} of {len(v)}"
+    else:
+        s = repr(v)
+        s = s if len(s) <= 120 else s[:117] + "..."
+    return html.escape(s)
+
+
+def _html_table(rows, header=None) -> str:
+    import html
+
+    out = ["<table>"]
+    if header:
+        out.append("<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>")
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _figure_png(fig, dpi: int = 90) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight", dpi=dpi)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def result_html(obj, figure="plot", columns=None, title: str | None = None, max_rows: int = 64) -> str:
+    """HTML for Jupyter's ``_repr_html_`` of any result object (a dataclass): a title, the figure
+    (``obj.<figure>()`` as an embedded PNG; ``figure=None`` for none; without matplotlib a note), an
+    optional table of ``columns`` ({name: 1-D array}, e.g. one row per layer) and a compact table of the
+    fields (scalars as they are, arrays and frames by shape). Never raises: a figure that cannot be drawn
+    is replaced by a note. A result class gets it with ``_repr_html_ = result_html``.
+
+    Example:
+        >>> t = factrace.trace(m, prompt, subject)     # doctest: +SKIP
+        >>> t                                          # in Jupyter: the heatmap and the fields
+    """
+    import dataclasses
+    import html
+
+    name = type(obj).__name__
+    parts = [f"<div><b>{html.escape(title or name)}</b>"]
+    fn = getattr(obj, figure, None) if isinstance(figure, str) else figure
+    if fn is not None:
+        try:
+            fig = fn()
+            parts.append(f'<div><img src="data:image/png;base64,{_figure_png(fig)}" alt="{html.escape(name)} figure"/></div>')
+        except Exception as e:  # noqa: BLE001 - a display must not raise
+            parts.append(f"<div><i>figure unavailable: {html.escape(' '.join(str(e).split()))}</i></div>")
+    if columns:
+        cols = {k: np.asarray(v) for k, v in columns.items()}
+        n = min(len(v) for v in cols.values())
+        rows = [[_html_value(cols[k][i].item() if cols[k].ndim == 1 else cols[k][i]) for k in cols]
+                for i in range(min(n, max_rows))]
+        if n > max_rows:
+            rows.append(["..."] * len(cols))
+        parts.append(_html_table(rows, header=list(cols)))
+    fields = dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else []
+    rows = [[html.escape(f.name), _html_value(getattr(obj, f.name))] for f in fields]
+    if rows:
+        parts.append(_html_table(rows))
+    parts.append("</div>")
+    return "".join(parts)

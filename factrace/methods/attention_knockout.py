@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._common import _ids_of, _pd, _plt, _record_fields, _token_id, _tokens
+from ._common import _ids_of, _pd, _plt, _record_fields, _token_id, _tokens, result_html
 from .dla import subject_span
 
 KNOCKOUT_KINDS = ("subject", "non_subject", "last")
@@ -55,6 +55,9 @@ class AttentionKnockoutResult:
     rel_change: dict
     keys: dict
     window: int
+
+    def _repr_html_(self):
+        return result_html(self, title=f"AttentionKnockoutResult: p({self.target_str!r}) = {self.p_base:.4f}")
 
     def frame(self):
         """Tidy frame: kind, layer, window_lo, window_hi, p_base, p_new, rel_change."""
@@ -162,6 +165,8 @@ class DatasetKnockout:
     err: dict
     window: int
     n: int
+
+    _repr_html_ = result_html
 
     def plot(self, ax=None):
         """Mean knockout curves with 95% bands. Returns a Figure."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._common import (_char_span, _ids_of, _pd, _plt, _record_fields, _target_value, _tokens, _vocab_direction,
-                      resolve_target)
+                      resolve_target, result_html)
 from ._common import subject_span as _subject_span
 
 GROUPS = ("SUBJECT", "RELATION", "END", "OTHER")
@@ -203,6 +203,10 @@ class DLAResult:
     n_heads: int = 0
     unembed_bias: float = 0.0
     extra: dict = field(default_factory=dict)
+
+    def _repr_html_(self):
+        return result_html(self, figure="plot_mechanisms",
+                           title=f"DLAResult: target {self.target}, logit {self.logit:.4f}, sum of parts {self.total:.4f}")
 
     @property
     def heads(self) -> np.ndarray:
@@ -469,6 +473,8 @@ class DatasetDLA:
     frame: object
     results: list
     thresholds: dict
+
+    _repr_html_ = result_html
 
     def summary(self):
         """Mean, std and mean share of the logit (mechanism / logit) of each mechanism over prompts."""

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import interventions as iv
+from .._optional import need
 from ..model import Model
-from ._common import _softmax_prob
+from ._common import _softmax_prob, result_html
 from ._reference import _prepare, check_reference, special_tokens
 
 
@@ -35,8 +36,13 @@ class KnockoutResult:
     subject_range: tuple
     reference: str | None = None
 
+    def _repr_html_(self):
+        return result_html(self, figure=None, columns={"start": self.starts, "prob": self.probs, "relative change %":
+                                                       (self.probs - self.clean_prob) / self.clean_prob * 100},
+                           title=f"KnockoutResult ({self.kind}, window {self.window}): clean p {self.clean_prob:.4f}")
+
     def to_frame(self):
-        import pandas as pd
+        pd = need("pandas", "KnockoutResult.to_frame()")
 
         return pd.DataFrame({"kind": self.kind, "start": self.starts, "window": self.window,
                              "prob": self.probs, "clean_prob": self.clean_prob,

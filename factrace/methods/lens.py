@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._common import _ids_of, _pd, _plt, _record_fields, _token_id, _tokens
+from ._common import _ids_of, _pd, _plt, _record_fields, _token_id, _tokens, result_html
 
 
 def _final_norm(m, x):
@@ -53,6 +53,9 @@ class LensResult:
     extracts: np.ndarray
     project_on: str
     top_strings: list = field(default_factory=list)
+
+    def _repr_html_(self):
+        return result_html(self, title=f"LensResult: prediction {self.prediction_str!r}, target {self.target_str!r}")
 
     @property
     def attribute_extraction(self) -> dict:

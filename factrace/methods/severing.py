@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import interventions as iv
+from .._optional import need
 from ..model import Model
-from ._common import _softmax_prob
+from ._common import _softmax_prob, result_html
 from ._reference import check_reference
 from .tracing import _noise_value, _prepare, _Tracer
 
@@ -32,8 +33,13 @@ class SeverResult:
     reference_noise: bool
     reference: str | None = None
 
+    def _repr_html_(self):
+        return result_html(self, figure=None, columns={"layer": np.arange(len(self.effect)), "effect": self.effect,
+                                                       "unsevered": self.unsevered},
+                           title=f"SeverResult (frozen {self.frozen})")
+
     def to_frame(self):
-        import pandas as pd
+        pd = need("pandas", "SeverResult.to_frame()")
 
         L = len(self.effect)
         return pd.DataFrame({"layer": np.arange(L), "frozen": self.frozen, "effect": self.effect,

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import interventions as iv
+from .._optional import need
 from ..model import Model
-from ._common import _softmax_prob, token_embeddings
+from ._common import _softmax_prob, result_html, token_embeddings
 from ._reference import _prepare, check_reference, known_1000_subjects, torch_std
 
 KINDS = ("hidden", "mlp", "attn")
@@ -190,6 +191,10 @@ class TraceResult:
     prompt: str | None = None
     extra: dict = field(default_factory=dict)
 
+    def _repr_html_(self):
+        return result_html(self, title=f"TraceResult ({self.kind}): p({self.answer_str!r}) clean {self.high_score:.4f}, "
+                                       f"corrupted {self.low_score:.4f}")
+
     @property
     def effect(self) -> np.ndarray:
         """(T, L) indirect effects ``scores - low_score``."""
@@ -197,7 +202,7 @@ class TraceResult:
 
     def to_frame(self):
         """Tidy pandas DataFrame: one row per (position, layer) with token, in_subject, score, effect."""
-        import pandas as pd
+        pd = need("pandas", "TraceResult.to_frame()")
 
         T, L = self.scores.shape
         b, e = self.subject_range
@@ -212,10 +217,10 @@ class TraceResult:
 
     def plot(self, ax=None, title=None):
         """The layer x token heatmap of ROME, subject tokens marked with '*'; returns the Figure."""
-        import matplotlib
+        matplotlib = need("matplotlib", "TraceResult.plot()")
 
         if ax is None:
-            import matplotlib.pyplot as plt
+            plt = need("matplotlib.pyplot", "TraceResult.plot()")
 
             fig, ax = plt.subplots(figsize=(max(4.0, 0.28 * self.scores.shape[1] + 2), 0.32 * len(self.tokens) + 1.2),
                                    dpi=110)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..methods._common import _field, _progress
+from .._optional import need
+from ..methods._common import _field, _progress, result_html
 from ..methods._reference import check_reference, special_tokens
 from ..methods.tracing import KINDS, _noise_value, trace_all
 from ..model import Model
@@ -101,11 +102,15 @@ class DatasetTrace:
     kinds: tuple
     interrupted: bool = False
 
+    def _repr_html_(self):
+        return result_html(self, title=f"DatasetTrace: {len(self.facts)} facts, kinds {', '.join(self.kinds)}"
+                                       f"{' (interrupted)' if self.interrupted else ''}")
+
     def averages(self):
         """ROME's averaged figure data: per kind, category and layer the mean score, AIE (mean score -
         mean low_score over prompts), error band (1.96 std / sqrt(n)) and n. Pooled categories weight
         prompts by token count."""
-        import pandas as pd
+        pd = need("pandas", "DatasetTrace.averages()")
 
         f = self.frame
         rows = []
@@ -137,7 +142,7 @@ class DatasetTrace:
 
     def plot(self, kind="hidden"):
         """ROME's averaged line plot: AIE per layer for each of the six categories, with error bands."""
-        import matplotlib.pyplot as plt
+        plt = need("matplotlib.pyplot", "DatasetTrace.plot()")
 
         av = self.averages()
         av = av[av.kind == kind]
@@ -212,7 +217,7 @@ def trace_dataset(m: Model, records, kinds=KINDS, window: int = 10, samples: int
         >>> dt.averages().head(); dt.ate()                                           # doctest: +SKIP
         >>> dt = factrace.trace_dataset(m, load_dataset("known_1000"), n=100, reference="caarm")  # doctest: +SKIP
     """
-    import pandas as pd
+    pd = need("pandas", "trace_dataset")
 
     records = list(records)
     reference = check_reference(reference)

@@ -51,6 +51,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .._optional import need
 from ..errors import ChecksumError, DatasetDownloadError, SubjectNotInPromptError
 
 __all__ = [
@@ -216,10 +217,7 @@ def records_to_frame(records: Sequence[FactRecord]):
         >>> df.columns[:4].tolist()  # doctest: +SKIP
         ['subject', 'relation', 'prompt', 'object']
     """
-    try:
-        import pandas as pd
-    except ImportError as exc:  # pragma: no cover
-        raise ImportError("as_frame=True needs pandas: pip install pandas (or factrace[analysis])") from exc
+    pd = need("pandas", "as_frame=True")
     cols = ["subject", "relation", "prompt", "object", "template", "source", "relation_name"]
     rows = [r.to_dict() for r in records]
     df = pd.DataFrame(rows)

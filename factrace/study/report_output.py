@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._optional import need
 from .dataset_trace import DatasetTrace
 from .stages import _last_subject
 from .store import _atomic_text
@@ -21,7 +22,7 @@ def _band(x):
 def _mean_band(groups, columns):
     """Per group of ``groups`` (a pandas GroupBy): for each (column, band_name) of ``columns`` the mean
     of the column and, when band_name is given, its 95% band under that name; then n, the group size."""
-    import pandas as pd
+    pd = need("pandas", "the report")
 
     out = {}
     for col, band in columns:
@@ -33,7 +34,7 @@ def _mean_band(groups, columns):
 
 
 def _tables(per_model, kinds):
-    import pandas as pd
+    pd = need("pandas", "the report")
 
     t = {k: [] for k in ("summary", "peaks", "restoration_last_subject", "restoration_averages", "severing",
                          "knockout", "gini", "facts", "rejected", "raw_restoration", "raw_severing",
@@ -103,10 +104,10 @@ def _line_band(ax, x, y, band, color, label, fmt="o-"):
 
 def _figures(tables, fig_dir: Path, kinds, models):
     """Every figure of the report written to ``fig_dir``; returns [(file name, caption)]."""
-    import matplotlib
+    matplotlib = need("matplotlib", "the report's figures")
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = need("matplotlib.pyplot", "the report's figures")
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     figs = []

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._optional import need
 from ..methods._common import _field, _progress
 from ..methods._reference import _prepare
 from ..methods.knockout import gini, knockout
@@ -86,7 +87,7 @@ def objects_available() -> bool:
 def _chunked(store: _Store, stage: str, facts, fn, chunk: int, progress: bool, desc: str):
     """Run ``fn(list of fact dicts) -> DataFrame`` over chunks of facts; each finished chunk is saved
     (atomically) so that an interrupted stage resumes from the last finished chunk."""
-    import pandas as pd
+    pd = need("pandas", "the report")
 
     chunks = [facts[i:i + chunk] for i in range(0, len(facts), chunk)]
     parts = []
@@ -109,7 +110,7 @@ def _chunked(store: _Store, stage: str, facts, fn, chunk: int, progress: bool, d
 
 
 def _stage_known(m, records, special, s: StudySettings, block=64):
-    import pandas as pd
+    pd = need("pandas", "the report")
 
     ok, bad = _check_inputs(m, records, special, s.reference)
     rows = [dict(d, status="invalid", reason=why, answer=-1, answer_str="") for d, why in bad]
@@ -155,7 +156,7 @@ def _stage_restoration(m, facts, level, special, s: StudySettings, client):
 
 
 def _stage_severing(m, facts, level, special, s: StudySettings):
-    import pandas as pd
+    pd = need("pandas", "the report")
 
     out = []
     for f in facts:
@@ -181,7 +182,7 @@ def _references(f, corpus, top_n=3, reference=None, m=None):
 
 
 def _stage_knockout(m, facts, special, s: StudySettings, encoder):
-    import pandas as pd
+    pd = need("pandas", "the report")
 
     from . import objects as O
 
@@ -214,7 +215,7 @@ def _last_subject(rest):
 
 
 def _stage_gini(rest, kinds, reference=None):
-    import pandas as pd
+    pd = need("pandas", "the report")
 
     rows = []
     ls = _last_subject(rest)

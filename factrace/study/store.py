@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .._optional import need
+
 FORMAT_VERSION = 2
 
 
@@ -37,6 +39,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 def _atomic_parquet(df, path: Path) -> None:
     import io
 
+    need("pyarrow", "writing the report's parquet files")
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     _atomic_write_bytes(path, buf.getvalue())
@@ -84,7 +87,8 @@ class _Store:
         return bool(ent) and p.exists() and p.stat().st_size == ent.get("bytes")
 
     def load(self, stage: str):
-        import pandas as pd
+        pd = need("pandas", "the report")
+        need("pyarrow", "reading the report's parquet files")
 
         return pd.read_parquet(self.file(stage))
 
