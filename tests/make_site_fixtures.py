@@ -3,7 +3,7 @@ case of tests/site_cases.py on prompt p0 of each committed fixture (transformers
 from the committed checkpoint), so that tests/test_sites.py checks the C side without torch.
 
     q, k, v (L, T, heads, dh), mlp_post (L, T, F)   the unpatched captures (z and attn are in expected.npz)
-    case:<site>:<op> (T, 4)                          resid_final of the patched run @ site_cases.sketch_matrix(d)
+    case_ids (n,) str "<site>/<op>", cases (n, T, 4) resid_final of each patched run @ site_cases.sketch_matrix(d)
 
 A sketch (four fixed random directions per position) keeps the file small: a wrong patch would have to
 change resid_final orthogonally to all four directions at every position to go unnoticed. The live test
@@ -29,10 +29,6 @@ from make_fixtures import save_npz_deterministic  # noqa: E402
 OUT = os.path.join(HERE, "fixtures", "models")
 
 
-def case_key(case) -> str:
-    return "case:" + case["id"].replace("/", ":")
-
-
 def make(name: str) -> None:
     import json
 
@@ -50,13 +46,16 @@ def make(name: str) -> None:
     for s in ("q", "k", "v", "mlp_post"):
         arrays[s] = base[s].astype(np.float32)
     R = site_cases.sketch_matrix(cfg.d_model)
-    cache = {}
+    cache, ids_out, sketches = {}, [], []
     for case in site_cases.cases(name, cfg, T):
         res = site_oracle.run(hf, ids, site_cases.oracle_edits(hf, parts, case, ids, others, cache), parts=parts)
-        arrays[case_key(case)] = (res["resid_final"].astype(np.float64) @ R).astype(np.float32)
+        ids_out.append(case["id"])
+        sketches.append((res["resid_final"].astype(np.float64) @ R).astype(np.float32))
+    arrays["case_ids"] = np.array(ids_out)
+    arrays["cases"] = np.stack(sketches)
     path = os.path.join(d, "sites.npz")
     save_npz_deterministic(path, arrays)
-    print(f"{name:32s} {len(arrays) - 4:4d} cases  {os.path.getsize(path) / 1024:6.1f} KB")
+    print(f"{name:32s} {len(ids_out):4d} cases  {os.path.getsize(path) / 1024:6.1f} KB")
 
 
 def main(argv):

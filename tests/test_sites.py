@@ -67,13 +67,14 @@ def test_captures_match_committed(name):
 def test_site_ops_match_committed(name, site):
     m, ids, others = _setup(name)
     ref = _committed(name)
+    sketch = dict(zip(ref["case_ids"].tolist(), ref["cases"]))
     R = site_cases.sketch_matrix(m.config.d_model)
     n = 0
     for case in site_cases.cases(name, m.config, len(ids)):
         if case["site"] != site:
             continue
         r = m.run(ids, capture=["resid_final"], interventions=site_cases.factrace_interventions(m, case, ids, others))
-        _close(r.resid_final.astype(np.float64) @ R, ref["case:" + case["id"].replace("/", ":")], f"{name} {case['id']}")
+        _close(r.resid_final.astype(np.float64) @ R, sketch[case["id"]], f"{name} {case['id']}")
         n += 1
     assert n == len(site_cases.ops_for(site, m.config.parallel))
 
