@@ -438,11 +438,17 @@ static void attend_head_rows(float *z, float *probs, const float *q, const float
             scores[j] = s;
         }
         softmax_row(scores, P, lo, pos, blocked ? blocked + (int64_t)i * P : NULL, c);
-        if (nap) patch_probs(scores, r0 + i, h, ap, nap);
+        /* with SITE_ATTN patches what is set is used, masked keys included (as the gemm path's S @ v) */
+        int jlo = lo, jhi = pos;
+        if (nap) {
+            patch_probs(scores, r0 + i, h, ap, nap);
+            jlo = 0;
+            jhi = P - 1;
+        }
         float *zi = z + (int64_t)i * qd;
         memset(zi, 0, sizeof(float) * dh);
         if (probs) memcpy(probs + (int64_t)i * P, scores, sizeof(float) * P);
-        for (int j = lo; j <= pos; j++) {
+        for (int j = jlo; j <= jhi; j++) {
             float a = scores[j];
             if (a == 0.0f) continue;
             const float *vj = v + (int64_t)j * ks;

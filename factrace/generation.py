@@ -42,27 +42,45 @@ class Generation:
         return f"<pre>{html.escape(self.text)}</pre><small>{len(self.new_ids)} new tokens, stopped: {self.stopped}</small>"
 
 
-def _at_position(iv, t: int, T0: int):
-    """The part of intervention ``iv`` that acts at absolute position t, as an intervention on a 1-row run
-    (position 0 of it), or None."""
+def _restrict(iv, lo: int, hi: int, T0: int, cfg):
+    """The part of intervention ``iv`` that acts at absolute positions lo .. hi-1, as an intervention on a
+    run of those rows (positions re-based to lo; values with a positions axis sliced), or None. Negative
+    positions (and attention keys) count from the end of the prompt (T0)."""
     if iv.kind == "block":
         qs = [q % T0 if q < 0 else q for q in iv.queries]
-        if t not in qs:
+        keep = [q - lo for q in qs if lo <= q < hi]
+        keys = tuple(k for k in (k % T0 if k < 0 else k for k in iv.keys) if k < hi)
+        if not keep or not keys:
             return None
-        keys = tuple(k % T0 if k < 0 else k for k in iv.keys)
-        return replace(iv, queries=(0,), keys=keys)
+        return replace(iv, queries=tuple(keep), keys=keys)
     if iv.positions is None:
-        return replace(iv, positions=(0,))
-    pos = [p % T0 if p < 0 else p for p in iv.positions]
-    if t not in pos:
-        return None
-    j = pos.index(t)
-    v = iv.value
-    if v is not None:
-        axis = 0 if iv.site == "embed" else 1  # (layers, positions, ...) or (positions, ...)
-        if v.ndim > axis and v.shape[axis] == len(pos) and v.ndim >= (2 if iv.site == "embed" else 3):
-            v = np.take(v, [j], axis=axis)
-    return replace(iv, positions=(0,), value=v)
+        pos, js = list(range(lo, hi)), None
+    else:
+        absn = [p % T0 if p < 0 else p for p in iv.positions]
+        js = [j for j, p in enumerate(absn) if lo <= p < hi]
+        if not js:
+            return None
+        pos = [absn[j] for j in js]
+    v, keys = iv.value, iv.keys
+    if v is not None and js is not None:
+        n_lay = 1 if iv.site == "embed" else (len(iv.layers) if iv.layers is not None else cfg.n_layers)
+        try:
+            P = max(1, len(iv.keys)) if iv.keys is not None else 1
+            full = iv_mod.value_shape(iv, cfg, P, n_lay, len(iv.positions))
+            if iv.site == "attn" and iv.keys is None:
+                full = full[:-1] + (v.shape[-1] if v.ndim else 1,)
+            v = np.take(np.broadcast_to(v, full), js, axis=0 if iv.site == "embed" else 1)
+        except ValueError:
+            pass  # not broadcastable here: compile_interventions reports it
+    if iv.site == "attn" and keys is not None:  # absolute key positions; keys not yet computed are dropped
+        ka = [k % T0 if k < 0 else k for k in keys]
+        kj = [j for j, k in enumerate(ka) if k < hi]
+        if not kj:
+            return None
+        if v is not None and v.ndim and v.shape[-1] == len(ka) and len(kj) < len(ka):
+            v = np.take(v, kj, axis=-1)
+        keys = tuple(ka[j] for j in kj)
+    return replace(iv, positions=tuple(p - lo for p in pos), value=v, keys=keys)
 
 
 def _sample(logits: np.ndarray, rng, temperature, top_k, top_p) -> int:
@@ -110,7 +128,9 @@ def generate(m, prompt, max_new_tokens: int = 20, do_sample: bool = False, tempe
     K = np.zeros((L, T0 + n_new, kvd), np.float32)
     V = np.zeros_like(K)
     ivs = list(interventions)
-    kw = iv_mod.compile_interventions(ivs, [T0], c) if ivs else {}
+    w_pos = m.W("W_pos") if c.learned_pos else None
+    prompt_ivs = [x for x in (_restrict(iv, 0, T0, T0, c) for iv in ivs) if x is not None]
+    kw = iv_mod.compile_interventions(prompt_ivs, [T0], c, w_pos=w_pos) if prompt_ivs else {}
     cap = {"k_cache": np.empty((L, T0, kvd), np.float32), "v_cache": np.empty((L, T0, kvd), np.float32),
            "logits": np.empty((1, c.vocab_size), np.float32)}
     m._core.forward(np.array([T0], np.int32), ids=np.asarray(ids, np.int32), capture=cap,
@@ -129,8 +149,8 @@ def generate(m, prompt, max_new_tokens: int = 20, do_sample: bool = False, tempe
         if step == n_new - 1:
             break
         t = len(out) - 1  # absolute position of the new token
-        step_ivs = [x for x in (_at_position(iv, t, T0) for iv in ivs) if x is not None]
-        kw = iv_mod.compile_interventions(step_ivs, [1], c, starts=[t]) if step_ivs else {}
+        step_ivs = [x for x in (_restrict(iv, t, t + 1, T0, c) for iv in ivs) if x is not None]
+        kw = iv_mod.compile_interventions(step_ivs, [1], c, starts=[t], w_pos=w_pos) if step_ivs else {}
         cap = {"k_cache": np.empty((L, 1, kvd), np.float32), "v_cache": np.empty((L, 1, kvd), np.float32),
                "logits": np.empty((1, c.vocab_size), np.float32)}
         m._core.forward(np.array([1], np.int32), ids=np.array([tok], np.int32), seq_starts=np.array([t], np.int32),

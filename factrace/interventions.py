@@ -71,6 +71,7 @@ class Intervention:
     keys: tuple | None = None       # attn: key positions; block_attention: the blocked keys
     queries: tuple | None = None    # block_attention
     seq: int | None = None
+    total_embed: bool = False       # "embed" values taken from RunResult.embed (token + learned positions)
 
 
 def _tuple(x, what="layers and positions"):
@@ -92,10 +93,10 @@ def _site(site):
     return "resid_post" if site == "hidden" else site
 
 
-def _patch(site, op, value, positions, layers, heads, neurons, keys, seq):
+def _patch(site, op, value, positions, layers, heads, neurons, keys, seq, total_embed=False):
     site = _site(site)
     extra = SITES[site][1]
-    for name, given, ok in (("heads", heads, extra in ("heads", "kv_heads")), ("neurons", neurons, extra == "neurons"),
+    for name, given, ok in (("heads", heads, extra in ("heads", "kv_heads", "keys")), ("neurons", neurons, extra == "neurons"),
                             ("keys", keys, extra == "keys")):
         if given is not None and not ok:
             raise ValueError(f"the {site!r} site takes no {name}=")
@@ -103,7 +104,8 @@ def _patch(site, op, value, positions, layers, heads, neurons, keys, seq):
         heads = _tuple(heads, "heads")
     v = None if value is None else np.asarray(value, dtype=np.float32)
     return Intervention("patch", site, op, _tuple(layers), _tuple(positions), v, _tuple(heads, "heads"),
-                        _tuple(neurons, "neurons"), _tuple(keys, "keys"), seq=seq)
+                        _tuple(neurons, "neurons"), _tuple(keys, "keys"), seq=seq,
+                        total_embed=bool(total_embed and site == "embed"))
 
 
 def add(site: str, value, positions=None, layers=None, seq=None, heads=None, neurons=None, keys=None) -> Intervention:
@@ -135,18 +137,23 @@ def scale(site: str, factor, layers=None, positions=None, seq=None, heads=None, 
 
 
 def add_direction(site: str, direction, coeff: float = 1.0, layers=None, positions=None, seq=None,
-                  heads=None, neurons=None) -> Intervention:
-    """Steering: add ``coeff * direction`` at a site (direction (w,): the width of the patched slice, e.g. (d,)
-    for residual sites). Example: ``add_direction("resid_post", u, 4.0, layers=6)``."""
+                  heads=None, neurons=None, keys=None) -> Intervention:
+    """Steering: add ``coeff * direction`` at a site. ``direction`` (w,): the width of one position's patched
+    vector: (d,) for residual sites, (dh,) for head sites (added to each head of ``heads``), (n_neurons,)
+    for ``mlp_post``, (n_keys,) for ``attn``; or any array broadcast as in :func:`add`. Default: every
+    layer and position. Example: ``add_direction("resid_post", u, 4.0, layers=6)``."""
     d = np.asarray(direction, np.float32)
-    return _patch(site, "add", np.float32(coeff) * d, positions, layers, heads, neurons, None, seq)
+    return _patch(site, "add", np.float32(coeff) * d, positions, layers, heads, neurons, keys, seq)
 
 
 def project_out(site: str, direction, layers=None, positions=None, seq=None, heads=None,
-                neurons=None) -> Intervention:
-    """Remove the component along ``direction`` (w,): x <- x - (x.u / u.u) u at each patched slice (the dot
-    products in float64). Example: ``project_out("resid_post", u, layers=range(4, 8))``."""
-    return _patch(site, "project", np.asarray(direction, np.float32), positions, layers, heads, neurons, None, seq)
+                neurons=None, keys=None) -> Intervention:
+    """Remove the component along ``direction`` (w,): x <- x - (x.u / u.u) u (the dot products in float64),
+    where x is one position's selected vector: (d,) for residual sites; each head's (dh,) for head sites;
+    the (n_neurons,) vector of the selected neurons for ``mlp_post`` (one projection in their span, also
+    when they are not contiguous); each head's (n_keys,) probabilities for ``attn``. Default: every layer
+    and position. Example: ``project_out("resid_post", u, layers=range(4, 8))``."""
+    return _patch(site, "project", np.asarray(direction, np.float32), positions, layers, heads, neurons, keys, seq)
 
 
 def _site_values(site, source, layers, heads, neurons, keys):
@@ -172,14 +179,16 @@ def _site_values(site, source, layers, heads, neurons, keys):
 def freeze(site: str, source, layers=None, positions=None, seq=None, heads=None, neurons=None,
            keys=None) -> Intervention:
     """Hold a site at its values in another run ``source`` (a :class:`RunResult` that captured the site and
-    has the same positions; severing, activation patching). Example: ``freeze("mlp_out", corrupted_run,
+    has the same positions; severing, activation patching). For ``"embed"`` the values are
+    ``source.embed``, the embedding as captured (GPT-2: token + learned position embeddings): the patched
+    run starts from that total at those positions. Example: ``freeze("mlp_out", corrupted_run,
     positions=[e - 1])``, ``freeze("z", other_run, layers=9, heads=[6])``."""
     site = _site(site)
     lay, pos = _tuple(layers), _tuple(positions)
     v = _site_values(site, source, lay, _tuple(heads, "heads"), _tuple(neurons, "neurons"), _tuple(keys, "keys"))
     if pos is not None:
         v = v[list(pos)] if site == "embed" else v[:, list(pos)]
-    return _patch(site, "set", np.ascontiguousarray(v), pos, lay, heads, neurons, keys, seq)
+    return _patch(site, "set", np.ascontiguousarray(v), pos, lay, heads, neurons, keys, seq, total_embed=True)
 
 
 def resample_ablate(site: str, source, layers=None, positions=None, seq=None, heads=None, neurons=None,
@@ -212,7 +221,8 @@ def mean_ablate(site: str, reference, model=None, per_position: bool = True, lay
                 heads=None, neurons=None) -> Intervention:
     """Mean ablation: set a site to its mean over a reference set. ``reference``: RunResults that captured the
     site, or prompts / token-id sequences (then ``model`` runs them). ``per_position=True`` (default): the
-    mean at each position (references of the run's length); False: one mean over every position.
+    mean at each position (references of the run's length); False: one mean over every position. For
+    ``"embed"`` the mean is of the embedding as captured (token + learned positions; see :func:`freeze`).
     Example: ``mean_ablate("z", prompts, m, layers=range(12), heads=[3], positions=[-1])``."""
     site = _site(site)
     runs = list(reference)
@@ -231,7 +241,7 @@ def mean_ablate(site: str, reference, model=None, per_position: bool = True, lay
     pos = _tuple(positions)
     if per_position and pos is not None:
         v = v[list(pos)] if site == "embed" else v[:, list(pos)]
-    return _patch(site, "set", np.ascontiguousarray(v), pos, lay, heads, neurons, None, seq)
+    return _patch(site, "set", np.ascontiguousarray(v), pos, lay, heads, neurons, None, seq, total_embed=True)
 
 
 def block_attention(layers, queries, keys, seq=None) -> Intervention:
@@ -300,12 +310,37 @@ def _slices(iv: Intervention, cfg, T: int):
     return [(int(h), o, w) for h in heads for o, w in _runs(keys)]
 
 
-def compile_interventions(interventions, lens, cfg, starts=None):
+def _project_span(sl, val, iv, cfg, P):
+    """A projection over non-contiguous neurons (or keys of a head) is one projection in the span of the
+    selected elements: one slice from the first to the last of them, the direction zero in the gaps (x.u
+    and the update then involve the selected elements only)."""
+    extra = SITES[iv.site][1]
+    if extra == "neurons":
+        idx = _norm_pos(iv.neurons, cfg.d_mlp, "mlp_post", "neurons")
+        groups = [(-1, idx)]
+    else:
+        idx = _norm_pos(iv.keys, P, "attn keys")
+        heads = _norm_pos(iv.heads, cfg.n_heads, "attn", "heads") if iv.heads is not None else range(cfg.n_heads)
+        groups = [(int(h), idx) for h in heads]
+    lo, hi = int(idx.min()), int(idx.max()) + 1
+    if hi - lo == len(idx) and np.all(np.diff(idx) == 1):
+        return sl, val
+    lead = val.shape[:-1]
+    out = np.zeros(lead + (hi - lo,), np.float32)
+    out[..., idx - lo] = val
+    if extra == "keys":  # (..., heads, keys)
+        return [(h, lo, hi - lo) for h, _ in groups], np.ascontiguousarray(out)
+    return [(-1, lo, hi - lo)], np.ascontiguousarray(out)
+
+
+def compile_interventions(interventions, lens, cfg, starts=None, w_pos=None):
     """Turn interventions into the patch and edge-block arrays of ``_core.Model.forward``.
 
     ``lens`` (S,) are the sequence lengths of the batch, ``cfg`` the model's ModelConfig, ``starts`` (S,)
     the absolute position of each sequence's first row (prefix caches; default 0: attention patterns then
-    have ``lens[s]`` keys). Returns a dict of keyword arguments."""
+    have ``lens[s]`` keys), ``w_pos`` (n_ctx, d) the learned position embeddings (GPT-2): subtracted from
+    ``"embed"`` values taken from captured embeddings (:func:`freeze`, :func:`mean_ablate`), which include
+    them. Returns a dict of keyword arguments."""
     lens = [int(x) for x in lens]
     starts = [0] * len(lens) if starts is None else [int(x) for x in starts]
     row0 = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
@@ -345,8 +380,16 @@ def compile_interventions(interventions, lens, cfg, starts=None):
                 except ValueError:
                     raise ValueError(f"{iv.op} {iv.site}: value of shape {iv.value.shape} does not broadcast to "
                                      f"{shape} ({_shape_doc(iv.site)})") from None
+                if iv.total_embed and getattr(cfg, "learned_pos", False):
+                    if w_pos is None:
+                        raise ValueError("embed values from a captured run include the learned position "
+                                         "embeddings: compile_interventions needs w_pos")
+                    val = np.ascontiguousarray(val - np.asarray(w_pos, np.float32)[pos + starts[s]])
+                if iv.op == "project" and ((iv.site == "mlp_post" and iv.neurons is not None)
+                                           or (iv.site == "attn" and iv.keys is not None)):
+                    sl, val = _project_span(sl, val, iv, cfg, P)
                 values.append(val.reshape(-1))
-            per = int(np.prod(shape[1:] if iv.site == "embed" else shape[2:]))  # floats per (layer, position)
+            per = val.size // (len(lay) * len(pos)) if val is not None else 0  # floats per (layer, position)
             # one patch per (layer, position, slice), values in row-major order of (layer, position, slice)
             n_sl = len(sl)
             li, pi, si = np.meshgrid(np.arange(len(lay)), np.arange(len(pos)), np.arange(n_sl), indexing="ij")

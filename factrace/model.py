@@ -275,8 +275,9 @@ class Model:
         Args:
             ids: token ids (T,), a str (encoded with special tokens), or a list of sequences / strs.
             capture: False, True (every field of :class:`RunResult` except the K/V caches), or a list of
-                names from ``embed, resid_pre, resid_mid, attn_out, mlp_out, head_out, attn, z,
-                resid_final, final_scale, k_cache, v_cache, norm_scale_attn``. A parallel-residual model
+                names from ``embed, resid_pre, resid_mid, attn_out, mlp_out, head_out, attn, z, q, k, v,
+                mlp_post, resid_final, final_scale, k_cache, v_cache, norm_scale_attn`` (``resid_post``
+                captures resid_pre and resid_final, of which it is a view). A parallel-residual model
                 (``config.parallel``: GPT-NeoX / Pythia, GPT-J) has no ``resid_mid``: ``capture=True`` leaves
                 it out and asking for it raises :class:`~factrace.InputError` (its equivalent for the MLP is
                 ``resid_pre``; ``resid_pre + attn_out`` is the sum after the attention add).
@@ -297,6 +298,9 @@ class Model:
             names = []
         else:
             names = list(capture)
+            if "resid_post" in names or "hidden" in names:  # a view: resid_pre[1:] + resid_final
+                names = [n for n in names if n not in ("resid_post", "hidden")]
+                names += [n for n in ("resid_pre", "resid_final") if n not in names]
             bad = [n for n in names if n not in CAPTURE_NAMES]
             if bad:
                 raise ValueError(f"unknown capture {bad}; known: {', '.join(CAPTURE_NAMES)}")
@@ -333,7 +337,7 @@ class Model:
         if lrows is not None:
             kw["logit_rows"] = lrows
         if interventions:
-            kw.update(compile_interventions(interventions, lens, c))
+            kw.update(compile_interventions(interventions, lens, c, w_pos=self.W("W_pos") if c.learned_pos else None))
         self._core.forward(lens, ids=np.concatenate(seqs), capture=cap, **kw)
         return self._split(seqs, lens, row0, cap, logits, single)
 
