@@ -40,6 +40,7 @@ _LAZY = {
     "logit_lens": "methods.lens", "LensResult": "methods.lens", "attribute_extraction_rate": "methods.lens",
     "attention_knockout": "methods.attention_knockout",
     "attention_knockout_dataset": "methods.attention_knockout",
+    "gradients": "methods.gradients", "Gradients": "methods.gradients",
     "trace_dataset": "study.dataset_trace", "known_facts": "study.dataset_trace",
     "DatasetTrace": "study.dataset_trace",
     "run_report": "study.report", "StudySettings": "study.settings",
