@@ -180,7 +180,8 @@ def gradients(m: Model, ids, metric, sites=("resid_pre",), interventions=(), pos
     cshape = {"embed": (N, d), "resid_pre": (L, N, d), "resid_mid": (L, N, d), "attn_out": (L, N, d),
               "mlp_out": (L, N, d), "head_out": (L, H, N, d), "attn": shapes["attn"], "z": (L, N, H * cfg.d_head),
               "q": (L, N, H * cfg.d_head), "k": (L, N, kvd), "v": (L, N, kvd), "mlp_post": (L, N, cfg.d_mlp),
-              "resid_final": (N, d), "k_cache": (L, N, kvd), "v_cache": (L, N, kvd), "norm_scale_attn": (L, N)}
+              "resid_final": (N, d), "k_cache": (L, N, kvd), "v_cache": (L, N, kvd), "norm_scale_attn": (L, N),
+              "q_cache": (L, N, H * cfg.d_head)}
     cap = {x: np.empty(cshape[x], np.float32) for x in capture}
     kw = compile_interventions(interventions, lens, cfg) if interventions else {}
     values = np.empty(S, np.float64)

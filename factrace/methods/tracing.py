@@ -431,7 +431,7 @@ def _positions(positions, T: int, span) -> list:
 
 def trace(m: Model, prompt, subject, kind: str = "hidden", window: int = 10, samples: int = 10, noise="s3",
           seed: int = 1, target=None, engine: str = "fast", add_special_tokens: bool = True,
-          noise_subjects=None, positions=None) -> TraceResult:
+          noise_subjects=None, positions=None, verify_top=None) -> TraceResult:
     """Causal trace of one fact (ROME): restore each (token, layer) state of a corrupted run.
 
     Args:
@@ -449,7 +449,10 @@ def trace(m: Model, prompt, subject, kind: str = "hidden", window: int = 10, sam
         seed: seed of ``numpy.random.RandomState(seed).randn(samples, e - b, d)``, default 1; the same
             draw serves every cell and ``low_score``, so a trace is deterministic.
         target: answer token id; default: the clean run's argmax next token.
-        engine: ``"fast"`` (default) or ``"naive"`` (every cell a full forward pass; for tests).
+        engine: ``"fast"`` (default), ``"naive"`` (every cell a full forward pass; for tests) or ``"atp"``
+            (every cell estimated from one backward pass of the corrupted runs, attribution patching:
+            see :func:`factrace.methods.attribution_patching.atp_trace`; ``verify_top=k`` then runs the exact
+            engine on the k most promising cells; ``extra`` holds the estimates).
         add_special_tokens: tokenize a str prompt with the model's special tokens (default True; ROME's
             setting; the cross-architecture study uses False).
         positions: the rows of the grid to compute: None (default, every token: ROME's heatmaps and six
@@ -467,8 +470,13 @@ def trace(m: Model, prompt, subject, kind: str = "hidden", window: int = 10, sam
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if engine == "atp":
+        from .attribution_patching import atp_trace
+
+        return atp_trace(m, prompt, subject, [kind], window, samples, noise, seed, target, add_special_tokens,
+                         noise_subjects, positions, verify_top)[kind]
     if engine not in ("fast", "naive"):
-        raise ValueError("engine must be 'fast' or 'naive'")
+        raise ValueError("engine must be 'fast', 'naive' or 'atp'")
     if samples < 1 or window < 1:
         raise ValueError("samples and window must be >= 1")
     ids, offs, text = _ids_and_offsets(m, prompt, add_special_tokens)
@@ -493,11 +501,12 @@ def _result(m, tr: "_Tracer", kind, window, engine, text, positions=None) -> Tra
 
 
 def trace_all(m: Model, prompt, subject, kinds=KINDS, window: int = 10, samples: int = 10, noise="s3", seed: int = 1,
-              target=None, engine: str = "fast", add_special_tokens: bool = True, noise_subjects=None, positions=None) -> dict:
+              target=None, engine: str = "fast", add_special_tokens: bool = True, noise_subjects=None, positions=None,
+              verify_top=None) -> dict:
     """Every kind of :func:`trace` for one fact, sharing the clean and corrupted runs.
 
     Arguments and defaults as :func:`trace` (``kinds`` a subset of ("hidden", "mlp", "attn"); ``positions``
-    the rows computed, e.g. ``"last_subject"``). Returns
+    the rows computed, e.g. ``"last_subject"``; ``engine="atp"`` with ``verify_top``). Returns
     {kind: TraceResult}, each with ``scores`` (T, L), and the same numbers as separate :func:`trace`
     calls with the same seed. This is the fast way to get the three ROME heatmaps of a fact.
 
@@ -507,6 +516,11 @@ def trace_all(m: Model, prompt, subject, kinds=KINDS, window: int = 10, samples:
         >>> res["mlp"].scores.shape, res["attn"].window                       # doctest: +SKIP
         ((10, 30), 10)
     """
+    if engine == "atp":
+        from .attribution_patching import atp_trace
+
+        return atp_trace(m, prompt, subject, kinds, window, samples, noise, seed, target, add_special_tokens,
+                         noise_subjects, positions, verify_top)
     ids, offs, text = _ids_and_offsets(m, prompt, add_special_tokens)
     span = _span(ids, offs, text, subject)
     level = _noise_value(m, noise, noise_subjects)
