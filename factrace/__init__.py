@@ -42,6 +42,7 @@ _LAZY = {
     "attention_knockout_dataset": "methods.attention_knockout",
     "gradients": "methods.gradients", "Gradients": "methods.gradients",
     "attribution_patching": "methods.attribution_patching", "AtPResult": "methods.attribution_patching",
+    "edge_attribution": "methods.attribution_patching", "EdgeResult": "methods.attribution_patching",
     "trace_dataset": "study.dataset_trace", "known_facts": "study.dataset_trace",
     "DatasetTrace": "study.dataset_trace",
     "run_report": "study.report", "StudySettings": "study.settings",

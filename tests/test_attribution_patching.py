@@ -237,3 +237,46 @@ def test_atp_trace_estimates_and_verified_cells(name):
     one = factrace.trace(m, ids, span, kind="mlp", engine="atp", noise=0.5, samples=4, window=2,
                          positions="last_subject")
     assert np.isnan(one.scores[[0, 1, 2, 3, 5]]).sum() == 3 * L and np.isfinite(one.scores[4]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# edge attribution
+
+@pytest.mark.parametrize("ig_steps", [None, 3])
+def test_edges_equal_exact_edge_patching_on_the_linear_model(lin, ig_steps):
+    m, clean, corr = lin
+    e = factrace.edge_attribution(m, clean, corr, ig_steps=ig_steps)
+    assert e.method == ("eap-ig" if ig_steps else "eap")
+    v = e.verify(40)
+    t = v.table
+    assert len(t) == 40 and set(t.receiver) <= {"logits", "m0", "m1"}
+    scale = float(np.abs(t.exact).max())
+    assert float(np.abs(t.estimate - t.exact).max()) <= 1e-3 * scale
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa2_tied", "pythia_parallel"])
+def test_edges_into_a_receiver_sum_to_its_input_estimate(name):
+    m = fixture_model(name)
+    c = m.config
+    ex = expected(name)
+    clean, corr = ex["p1_ids"], ex["p1_ids"].copy()
+    corr[2:6] = ex["p0_ids"][:4]
+    e = factrace.edge_attribution(m, clean, corr, metric=("logit_diff", 3, 7))
+    g = factrace.gradients(m, corr, ("logit_diff", 3, 7), sites=["q_in", "k_in", "v_in", "mlp_in", "resid_post"])
+    rc, rx = (m.run(x, capture=["resid_pre", "resid_final"] + ([] if c.parallel else ["resid_mid"])) for x in (clean, corr))
+    R = {r: j for j, r in enumerate(e.receivers)}
+    col = lambda r: np.nansum(e.scores[:, R[r]])  # noqa: E731
+    for l in range(c.n_layers):
+        dpre = rc.resid_pre[l].astype(np.float64) - rx.resid_pre[l]
+        for h in range(c.n_heads):
+            assert np.isclose(col(f"a{l}.h{h}.q"), (dpre * g["q_in"][l, :, h]).sum(), rtol=1e-4, atol=1e-7)
+        for gh in range(c.n_kv_heads):
+            assert np.isclose(col(f"a{l}.g{gh}.v"), (dpre * g["v_in"][l, :, gh]).sum(), rtol=1e-4, atol=1e-7)
+        dmlp = dpre if c.parallel else rc.resid_mid[l].astype(np.float64) - rx.resid_mid[l]
+        assert np.isclose(col(f"m{l}"), (dmlp * g["mlp_in"][l]).sum(), rtol=1e-4, atol=1e-7)
+    dfin = rc.resid_final.astype(np.float64) - rx.resid_final
+    assert np.isclose(col("logits"), (dfin * g["resid_post"][-1]).sum(), rtol=1e-4, atol=1e-7)
+    df = e.top(5)
+    assert len(df) == 5 and df.score.abs().is_monotonic_decreasing
+    assert e.plot() is not None
+    assert np.isnan(e.scores[e.senders.index("m0"), R["a0.h0.q"]])  # not upstream
