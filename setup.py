@@ -83,7 +83,7 @@ common = dict(
 # spinning libgomp would serve the parallel regions and starve the other threads.)
 core = Extension(
     "factrace._core",
-    sources=["csrc/module.c", "csrc/forward.c", "csrc/matmul.c", "csrc/quant.c", "csrc/pool.c", "csrc/convert.c"],
+    sources=["csrc/module.c", "csrc/forward.c", "csrc/backward.c", "csrc/matmul.c", "csrc/quant.c", "csrc/pool.c", "csrc/convert.c"],
     library_dirs=blas["library_dirs"],
     libraries=blas["libraries"] + ["m"],
     **{**common, "extra_compile_args": cflags + ["-pthread"],

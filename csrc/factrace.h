@@ -126,6 +126,11 @@ typedef struct {
     float *k;           /* (L, N, KV*dh) keys before k-norm and rotary */
     float *v;           /* (L, N, KV*dh) values */
     float *mlp_post;    /* (L, N, F) MLP hidden activations (input of W_down) */
+    /* intermediates a backward pass reads (backward.c's tape; any caller may ask for them) */
+    float *mlp_pre;     /* (L, N, 2F) gated: [gate | up] before the activation; (L, N, F) else: up */
+    float *attn_pre_norm; /* (L, N, d) W_O's output before the post-attention norm (post_norms only) */
+    float *mlp_pre_norm;  /* (L, N, d) W_down's output before the post-MLP norm (post_norms only) */
+    float *q_cache;     /* (L, N, H*dh) queries after q-norm and rotary */
     float *norm_scale_attn; /* (L, N) scale of the post-attention norm (Gemma), for exact head_out */
     float *k_cache;     /* (L, N, KV*dh) keys after norm and rope */
     float *v_cache;     /* (L, N, KV*dh) values */
@@ -148,6 +153,47 @@ typedef struct {
 int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids, const float *resid_in,
                   int start_layer, int end_layer, const Patch *patches, int64_t n_patches,
                   const EdgeBlock *blocks, int64_t n_blocks, Capture *cap, char *err, size_t errlen);
+
+/* ---- backward.c: gradients of a scalar metric of the logits w.r.t. activations (no weight gradients) ---- */
+
+/* The metric M = sum_i weight[i] * m_i, m_i a function of the final (soft-capped) logits x (V,) of batch row
+ * row[i]: x[a] (METRIC_LOGIT), log softmax(x)[a] (METRIC_LOGPROB), softmax(x)[a] (METRIC_PROB) or x[a] - x[b]
+ * (METRIC_LOGIT_DIFF). ROME's mean answer probability over S noise samples: one METRIC_PROB seed per
+ * corrupted row with weight 1/S. */
+enum { METRIC_LOGIT = 0, METRIC_LOGPROB = 1, METRIC_PROB = 2, METRIC_LOGIT_DIFF = 3 };
+typedef struct { int64_t row; int kind; int64_t a, b; double weight; } Seed;
+
+/* dM/d(site) where NULL is not wanted; layouts as the captures of the same name. The gradient of a site is
+ * taken w.r.t. the value the rest of the model reads there (after that site's patches); through a patch it
+ * flows as the patch's transpose (set/zero: 0, add: 1, mul: times the value, project: projected). */
+typedef struct {
+    float *embed;                                  /* (N, d) */
+    float *resid_pre, *resid_mid, *attn_out, *mlp_out, *resid_post; /* (L, N, d) */
+    float *q, *z;                                  /* (L, N, H*dh) */
+    float *k, *v;                                  /* (L, N, KV*dh) */
+    float *attn;                                   /* (L, H, attn_total) w.r.t. the probabilities, every key */
+    float *mlp_post;                               /* (L, N, F) */
+    /* the residual-stream input of one node (edge attribution): dM/d(x) through that node alone, x being
+     * the block input (the MLP's: resid_mid, parallel blocks: resid_pre) seen by its norm */
+    float *q_in;                                   /* (L, N, H, d) through head h's query */
+    float *k_in, *v_in;                            /* (L, N, KV, d) through kv head g's key / value */
+    float *mlp_in;                                 /* (L, N, d) through the MLP */
+    int drop_layer;                                /* GradDrop: -1, or a block whose attention and MLP pass no
+                                                      gradient (only its residual path does) */
+} Grads;
+
+/* Runs the forward pass of ids (sequences from position 0; no prefix caches) with patches and edge blocks as
+ * model_forward, keeping what the backward needs (the fields of cap that are given are filled as well), then
+ * for each of the n_pass entries of g one backward pass from the seeds. metric (n_seeds,) receives each
+ * m_i. Returns 0, or -1 with err. */
+int model_backward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids, const Patch *patches,
+                   int64_t n_patches, const EdgeBlock *blocks, int64_t n_blocks, const Seed *seeds, int64_t n_seeds,
+                   Capture *cap, Grads *g, int n_pass, double *metric, char *err, size_t errlen);
+
+/* forward.c helpers shared with backward.c */
+int64_t ft_grain(const Pool *pool, int64_t n, int64_t per_item);
+float ft_norm_row(float *out, const float *x, int d, const float *w, const float *b, float eps, int kind);
+int ft_softmax_row(float *s, int P, int lo, int pos, const unsigned char *bl, const Config *c);
 
 /* convert.c: storage formats to float32 */
 void f16_to_f32(const uint16_t *in, float *out, int64_t n);

@@ -277,8 +277,15 @@ VECTOR_CLONES static void act_range(void *ctx, int64_t lo, int64_t hi, int tid) 
 
 /* What happens to the MLP's hidden activations act (N, F) of layer `layer` between the activation and
  * W_down: the SITE_MLP_POST patches of that layer (p, np) and the mlp_post capture (cap: that layer's
- * (N_batch, F) block, or NULL). Row j of act is row rows[j] of the batch (rows ascending; NULL: row j). */
-typedef struct { const Patch *p; int64_t np; int layer; const int64_t *rows; float *cap; } MlpHook;
+ * (N_batch, F) block, or NULL). Row j of act is row rows[j] of the batch (rows ascending; NULL: row j).
+ * cap_pre (N_batch, 2F or F) / cap_prenorm (N_batch, d): the pre-activations ([gate | up], or up) and
+ * W_down's output before the post-MLP norm, for a backward pass (or NULL). */
+typedef struct { const Patch *p; int64_t np; int layer; const int64_t *rows; float *cap, *cap_pre, *cap_prenorm; } MlpHook;
+
+/* rows of x (N, w) into the batch rows of cap (N_batch, w) */
+static void capture_rows(float *cap, const float *x, int64_t N, int w, const int64_t *rows) {
+    for (int64_t j = 0; j < N; j++) memcpy(cap + (rows ? rows[j] : j) * w, x + j * w, sizeof(float) * w);
+}
 
 static int64_t local_row(const int64_t *rows, int64_t N, int64_t row) {
     if (!rows) return row < N ? row : -1;
@@ -327,9 +334,18 @@ static void mlp_rows(Pool *pool, int *oom, float *out, float *h, float *up, floa
         project(pool, oom, up, h, N, &lw->W_up, lw->b_up);
         if (c->gated_mlp) project(pool, oom, gate, h, N, &lw->W_gate, lw->b_gate);
     }
+    if (hk && hk->cap_pre) { /* [gate | up] rows (gated), or up rows */
+        int w = c->gated_mlp ? 2 * F : F;
+        for (int64_t j = 0; j < N; j++) {
+            float *dst = hk->cap_pre + (hk->rows ? hk->rows[j] : j) * w;
+            if (c->gated_mlp) memcpy(dst, a.gate + j * a.ld, sizeof(float) * F);
+            memcpy(dst + (w - F), a.up + j * a.ld, sizeof(float) * F);
+        }
+    }
     pool_for(pool, N, grain_of(pool, N, (int64_t)F * 8), act_range, &a);
     if (hk) mlp_post_hook(up, N, F, hk);
     project(pool, oom, out, up, N, &lw->W_down, lw->b_down);
+    if (hk && hk->cap_prenorm && c->post_norms) capture_rows(hk->cap_prenorm, out, N, d, hk->rows);
     if (c->post_norms) norm_rows(pool, out, NULL, out, N, d, lw->post_mlp_norm_w, NULL, c->norm_eps, NORM_RMS);
 }
 
@@ -653,17 +669,18 @@ static void add_rows_at(float *x, const float *a, const int64_t *idx, int64_t n,
  * whose output a SET patch of (SITE_MLP_OUT, l) replaces: those are not computed (zeros until the patch
  * sets them). */
 static void mlp_block(Scratch *s, const LayerWeights *lw, const Config *c, int l, const Patch *p, int64_t np,
-                      int64_t N, float *cap_post) {
+                      int64_t N, float *cap_post, float *cap_pre, float *cap_prenorm) {
     int d = c->d_model;
     const float *xin = c->parallel ? s->x0 : s->x;
     int any = 0;
-    for (int64_t i = 0; !cap_post && i < np; i++) /* a patch setting a whole row (not with mlp_post captured) */
+    for (int64_t i = 0; !cap_post && !cap_pre && i < np; i++) /* a patch setting a whole row (not with mlp_post
+                                                                * or the pre-activations captured) */
         if (p[i].site == SITE_MLP_OUT && p[i].layer == l && p[i].op == OP_SET && p[i].offset == 0 && p[i].width == d) {
             if (!any) memset(s->set, 0, (size_t)N);
             any = 1;
             s->set[p[i].row] = 1;
         }
-    MlpHook hk = {p, np, l, NULL, cap_post};
+    MlpHook hk = {p, np, l, NULL, cap_post, cap_pre, cap_prenorm};
     if (!any) {
         mlp_rows(s->pool, &s->oom, s->a, s->h, s->up, s->gate, xin, N, lw, c, &hk);
         return;
@@ -727,7 +744,7 @@ static int last_block_rows(Scratch *s, const Model *m, const Batch *b, int64_t n
     add_rows_at(s->x, s->a, wrow, nw, d);
     apply_patches(s->x, d, SITE_RESID_MID, l, patches, n_patches, s->want);
     if (!c->parallel) gather_rows(s->tmp, s->x, wrow, nw, d);
-    MlpHook hk = {patches, n_patches, l, wrow, NULL};
+    MlpHook hk = {patches, n_patches, l, wrow, NULL, NULL, NULL};
     (void)F;
     mlp_rows(s->pool, &s->oom, s->h, s->a, s->up, s->gate, s->tmp, nw, lw, c, &hk);
     scatter_rows(s->a, s->h, wrow, nw, d);
@@ -792,7 +809,8 @@ int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids
     int prune = end_layer == L && start_layer < L && cap->logit_rows && cap->n_logit_rows < N && !cap->resid_pre &&
                 !cap->resid_mid && !cap->attn_out && !cap->mlp_out && !cap->head_out && !cap->attn && !cap->z &&
                 !cap->norm_scale_attn && !cap->k_cache && !cap->v_cache && !cap->resid_final && !cap->q && !cap->k &&
-                !cap->v && !cap->mlp_post;
+                !cap->v && !cap->mlp_post && !cap->mlp_pre && !cap->attn_pre_norm && !cap->mlp_pre_norm &&
+                !cap->q_cache;
     if (prune) {
         s.want = calloc((size_t)N, 1);
         s.wrow = malloc(sizeof(int64_t) * N);
@@ -865,6 +883,7 @@ int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids
             rope_rows(s.pool, s.k, N, KV, s.pos, c, l);
         }
         if (cap->k_cache) memcpy(cap->k_cache + LN * kvd, s.k, sizeof(float) * N * kvd);
+        if (cap->q_cache) memcpy(cap->q_cache + LN * qd, s.q, sizeof(float) * N * qd);
         if (cap->v_cache) memcpy(cap->v_cache + LN * kvd, s.v, sizeof(float) * N * kvd);
 
         /* per sequence: gather prefix + new keys/values, attend */
@@ -876,6 +895,7 @@ int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids
 
         /* attn_out = z W_O^T + b_O (Gemma: then the post-attention norm) */
         project(s.pool, &s.oom, s.a, s.z, N, &lw->W_O, lw->b_O);
+        if (c->post_norms && cap->attn_pre_norm) memcpy(cap->attn_pre_norm + LN * d, s.a, sizeof(float) * N * d);
         if (c->post_norms) {
             norm_rows(s.pool, s.a, s.rs, s.a, N, d, lw->post_attn_norm_w, NULL, c->norm_eps, NORM_RMS);
             if (cap->norm_scale_attn) memcpy(cap->norm_scale_attn + LN, s.rs, sizeof(float) * N);
@@ -905,7 +925,9 @@ int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids
 
         /* MLP (of the rows whose output no patch sets; parallel block: of the block input x0), then
          * x = (x + attn_out) + mlp_out in both block kinds */
-        mlp_block(&s, lw, c, l, patches, n_patches, N, cap->mlp_post ? cap->mlp_post + LN * F : NULL);
+        mlp_block(&s, lw, c, l, patches, n_patches, N, cap->mlp_post ? cap->mlp_post + LN * F : NULL,
+                  cap->mlp_pre ? cap->mlp_pre + LN * F * (c->gated_mlp ? 2 : 1) : NULL,
+                  cap->mlp_pre_norm ? cap->mlp_pre_norm + LN * d : NULL);
         apply_patches(s.a, d, SITE_MLP_OUT, l, patches, n_patches, NULL);
         if (cap->mlp_out) memcpy(cap->mlp_out + LN * d, s.a, sizeof(float) * N * d);
         add_into(s.pool, s.x, s.a, N * d);
@@ -944,4 +966,17 @@ int model_forward(const Model *m, Pool *pool, const Batch *b, const int32_t *ids
 done:
     scratch_free(&s);
     return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* helpers shared with backward.c (the same arithmetic as the forward's)                         */
+
+int64_t ft_grain(const Pool *pool, int64_t n, int64_t per_item) { return grain_of(pool, n, per_item); }
+
+float ft_norm_row(float *out, const float *x, int d, const float *w, const float *b, float eps, int kind) {
+    return norm_row(out, x, d, w, b, eps, kind);
+}
+
+int ft_softmax_row(float *s, int P, int lo, int pos, const unsigned char *bl, const Config *c) {
+    return softmax_row(s, P, lo, pos, bl, c);
 }

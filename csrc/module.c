@@ -443,20 +443,108 @@ static void release_pool(PyModel *self, Pool *pool, int hold) {
     if (hold == 2) __atomic_store_n(&self->pool_busy, 0, __ATOMIC_RELEASE);
 }
 
-static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
+/* The seeds of a backward call: seed_row (n,) int64, seed_kind (n,) int32 (METRIC_*), seed_tok (n, 2) int64
+ * (a, b), seed_weight (n,) float64, checked against the batch; *out (n) allocated. */
+static int parse_seeds(const Config *c, PyObject *o_row, PyObject *o_kind, PyObject *o_tok, PyObject *o_w, int64_t N,
+                       Seed **out, int64_t *n_out) {
+    PyArrayObject *r = in_array(o_row, NPY_INT64, 1, "seed_row"), *k = NULL, *t = NULL, *w = NULL;
+    int rc = -1;
+    if (r) k = in_array(o_kind, NPY_INT32, 1, "seed_kind");
+    if (k) t = in_array(o_tok, NPY_INT64, 2, "seed_tok");
+    if (t) w = in_array(o_w, NPY_FLOAT64, 1, "seed_weight");
+    if (!w) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "backward needs seed_row, seed_kind, seed_tok and seed_weight");
+        goto done;
+    }
+    int64_t n = PyArray_DIM(r, 0);
+    if (n < 1 || PyArray_DIM(k, 0) != n || PyArray_DIM(t, 0) != n || PyArray_DIM(t, 1) != 2 || PyArray_DIM(w, 0) != n) {
+        PyErr_SetString(PyExc_ValueError, "seed arrays: seed_row, seed_kind, seed_weight (n,) and seed_tok (n, 2), n >= 1");
+        goto done;
+    }
+    Seed *sd = calloc(n, sizeof(Seed));
+    if (!sd) { PyErr_NoMemory(); goto done; }
+    const int64_t *rr = PyArray_DATA(r), *tt = PyArray_DATA(t);
+    const int *kk = PyArray_DATA(k);
+    const double *ww = PyArray_DATA(w);
+    for (int64_t i = 0; i < n; i++) {
+        sd[i] = (Seed){rr[i], kk[i], tt[2 * i], tt[2 * i + 1], ww[i]};
+        if (rr[i] < 0 || rr[i] >= N || kk[i] < METRIC_LOGIT || kk[i] > METRIC_LOGIT_DIFF || tt[2 * i] < 0 ||
+            tt[2 * i] >= c->vocab_size || (kk[i] == METRIC_LOGIT_DIFF && (tt[2 * i + 1] < 0 || tt[2 * i + 1] >= c->vocab_size)) ||
+            !isfinite(ww[i])) {
+            PyErr_Format(PyExc_ValueError, "seed %lld is invalid (row %lld, kind %d, tokens %lld %lld)", (long long)i,
+                         (long long)rr[i], kk[i], (long long)tt[2 * i], (long long)tt[2 * i + 1]);
+            free(sd);
+            goto done;
+        }
+    }
+    *out = sd;
+    *n_out = n;
+    rc = 0;
+done:
+    Py_XDECREF(r); Py_XDECREF(k); Py_XDECREF(t); Py_XDECREF(w);
+    return rc;
+}
+
+/* The gradient outputs of a backward call: dict of site -> float32 array of n_pass times the site's size. */
+static int parse_grads(const Config *c, PyObject *gd, int64_t N, int64_t attn_total, int n_pass, Grads *g) {
+    int64_t L = c->n_layers, d = c->d_model, qd = (int64_t)c->n_heads * c->d_head, kvd = (int64_t)c->n_kv_heads * c->d_head;
+    struct { const char *name; float **dst; int64_t n; } f[] = {
+        {"embed", &g->embed, N * d}, {"resid_pre", &g->resid_pre, L * N * d}, {"resid_mid", &g->resid_mid, L * N * d},
+        {"attn_out", &g->attn_out, L * N * d}, {"mlp_out", &g->mlp_out, L * N * d},
+        {"resid_post", &g->resid_post, L * N * d}, {"q", &g->q, L * N * qd}, {"z", &g->z, L * N * qd},
+        {"k", &g->k, L * N * kvd}, {"v", &g->v, L * N * kvd}, {"attn", &g->attn, L * c->n_heads * attn_total},
+        {"mlp_post", &g->mlp_post, L * N * c->d_mlp}, {"q_in", &g->q_in, L * N * c->n_heads * d},
+        {"k_in", &g->k_in, L * N * c->n_kv_heads * d}, {"v_in", &g->v_in, L * N * c->n_kv_heads * d},
+        {"mlp_in", &g->mlp_in, L * N * d}};
+    int nf = (int)(sizeof f / sizeof f[0]), known = 0;
+    for (int i = 0; i < nf; i++) {
+        PyObject *a = gd ? PyDict_GetItemString(gd, f[i].name) : NULL;
+        if (!a || a == Py_None) continue;
+        known++;
+        float *p = out_array(gd, f[i].name, f[i].n * n_pass);
+        if (!p) return -1;
+        if (c->parallel && strcmp(f[i].name, "resid_mid") == 0) {
+            PyErr_SetString(PyExc_ValueError, "a parallel-residual block has no resid_mid");
+            return -1;
+        }
+        size_t field = (size_t)((char *)f[i].dst - (char *)g); /* the field's offset in a Grads */
+        for (int k = 0; k < n_pass; k++) *(float **)((char *)&g[k] + field) = p + k * f[i].n;
+    }
+    if (gd && PyDict_Size(gd) != known) { PyErr_SetString(PyExc_ValueError, "grads: unknown site"); return -1; }
+    return 0;
+}
+
+/* forward(...) and backward(...): one argument parser (backward = 1 adds the seeds, grads, metric and
+ * drop_layers, and runs model_backward) */
+static PyObject *run_call(PyModel *self, PyObject *args, PyObject *kw, int backward) {
     static char *kwlist[] = {"seq_lens", "ids", "resid_in", "seq_starts", "start_layer", "prefix_k", "prefix_v",
                              "prefix_rows", "patch_site", "patch_layer", "patch_row", "patch_op", "patch_value",
                              "blocks", "capture", "logit_rows", "end_layer", "logit_targets", "patch_offset",
-                             "patch_width", "patch_head", "patch_voff", NULL};
+                             "patch_width", "patch_head", "patch_voff", "seed_row", "seed_kind", "seed_tok",
+                             "seed_weight", "grads", "metric", "drop_layers", NULL};
     PyObject *o_lens, *o_ids = NULL, *o_resid = NULL, *o_starts = NULL, *o_pk = NULL, *o_pv = NULL, *o_prow = NULL;
     PyObject *o_ps = NULL, *o_pl = NULL, *o_pr = NULL, *o_po = NULL, *o_pval = NULL, *o_blocks = NULL, *capd = NULL;
     PyObject *o_lrows = NULL, *o_targets = NULL, *o_poff = NULL, *o_pw = NULL, *o_ph = NULL, *o_pvo = NULL;
+    PyObject *o_srow = NULL, *o_skind = NULL, *o_stok = NULL, *o_sw = NULL, *o_grads = NULL, *o_metric = NULL,
+             *o_drop = NULL;
     int start_layer = 0, end_layer = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OOOiOOOOOOOOOO!OiOOOOO", kwlist, &o_lens, &o_ids, &o_resid, &o_starts,
-                                     &start_layer, &o_pk, &o_pv, &o_prow, &o_ps, &o_pl, &o_pr, &o_po, &o_pval,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OOOiOOOOOOOOOO!OiOOOOOOOOOO!OO", kwlist, &o_lens, &o_ids, &o_resid,
+                                     &o_starts, &start_layer, &o_pk, &o_pv, &o_prow, &o_ps, &o_pl, &o_pr, &o_po, &o_pval,
                                      &o_blocks, &PyDict_Type, &capd, &o_lrows, &end_layer, &o_targets, &o_poff, &o_pw,
-                                     &o_ph, &o_pvo))
+                                     &o_ph, &o_pvo, &o_srow, &o_skind, &o_stok, &o_sw, &PyDict_Type, &o_grads,
+                                     &o_metric, &o_drop))
         return NULL;
+    if (!backward && (o_srow || o_skind || o_stok || o_sw || o_grads || o_metric || o_drop)) {
+        PyErr_SetString(PyExc_TypeError, "forward() takes no seeds, grads, metric or drop_layers (see backward())");
+        return NULL;
+    }
+    if (backward && ((o_resid && o_resid != Py_None) || start_layer != 0 || (end_layer >= 0 && end_layer != self->m.cfg.n_layers) ||
+                     (o_lrows && o_lrows != Py_None) || (o_targets && o_targets != Py_None) ||
+                     (o_pk && o_pk != Py_None))) {
+        PyErr_SetString(PyExc_ValueError, "backward() runs whole sequences from token ids: no resid_in, start_layer, "
+                        "end_layer, prefix caches, logit_rows or logit_targets");
+        return NULL;
+    }
     if (!self->refs) { PyErr_SetString(PyExc_RuntimeError, "Model not initialised"); return NULL; }
     const Config *c = &self->m.cfg;
     int L = c->n_layers, d = c->d_model, H = c->n_heads, kvd = c->n_kv_heads * c->d_head, V = c->vocab_size;
@@ -472,6 +560,11 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
     int64_t np = 0, nb = 0;
     Capture cap;
     memset(&cap, 0, sizeof cap);
+    Seed *seeds = NULL;
+    int64_t n_seeds = 0;
+    Grads *grads = NULL;
+    PyArrayObject *drop = NULL;
+    int n_pass = 1;
 
     lens = in_array(o_lens, NPY_INT32, 1, "seq_lens");
     if (!lens) goto done;
@@ -585,6 +678,14 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
         if (!(cap.k = out_array(capd, "k", LN * kvd)) && PyErr_Occurred()) goto done;
         if (!(cap.v = out_array(capd, "v", LN * kvd)) && PyErr_Occurred()) goto done;
         if (!(cap.mlp_post = out_array(capd, "mlp_post", LN * c->d_mlp)) && PyErr_Occurred()) goto done;
+        if (!(cap.mlp_pre = out_array(capd, "mlp_pre", LN * c->d_mlp * (c->gated_mlp ? 2 : 1))) && PyErr_Occurred()) goto done;
+        if (!(cap.attn_pre_norm = out_array(capd, "attn_pre_norm", LN * d)) && PyErr_Occurred()) goto done;
+        if (!(cap.mlp_pre_norm = out_array(capd, "mlp_pre_norm", LN * d)) && PyErr_Occurred()) goto done;
+        if (!(cap.q_cache = out_array(capd, "q_cache", LN * H * c->d_head)) && PyErr_Occurred()) goto done;
+        if ((cap.attn_pre_norm || cap.mlp_pre_norm) && !c->post_norms) {
+            PyErr_SetString(PyExc_ValueError, "attn_pre_norm / mlp_pre_norm exist only with post-norms (Gemma)");
+            goto done;
+        }
         if (!(cap.norm_scale_attn = out_array(capd, "norm_scale_attn", LN)) && PyErr_Occurred()) goto done;
         if (!(cap.k_cache = out_array(capd, "k_cache", LN * kvd)) && PyErr_Occurred()) goto done;
         if (!(cap.v_cache = out_array(capd, "v_cache", LN * kvd)) && PyErr_Occurred()) goto done;
@@ -617,13 +718,46 @@ static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) {
             cap.targets = tg;
         }
     }
+    double *metric = NULL;
+    if (backward) {
+        if (cap.logits || cap.final_scale || cap.target_prob) {
+            PyErr_SetString(PyExc_ValueError, "backward(): the metric values come back in `metric`; capture no logits");
+            goto done;
+        }
+        if (parse_seeds(c, o_srow, o_skind, o_stok, o_sw, N, &seeds, &n_seeds)) goto done;
+        drop = in_array(o_drop, NPY_INT32, 1, "drop_layers");
+        if (PyErr_Occurred()) goto done;
+        if (drop) n_pass = (int)PyArray_DIM(drop, 0);
+        if (n_pass < 1) { PyErr_SetString(PyExc_ValueError, "drop_layers must not be empty"); goto done; }
+        grads = calloc(n_pass, sizeof(Grads));
+        if (!grads) { PyErr_NoMemory(); goto done; }
+        for (int k = 0; k < n_pass; k++) {
+            grads[k].drop_layer = drop ? ((const int *)PyArray_DATA(drop))[k] : -1;
+            if (grads[k].drop_layer < -1 || grads[k].drop_layer >= L) {
+                PyErr_Format(PyExc_ValueError, "drop layer %d outside [-1, %d)", grads[k].drop_layer, L);
+                goto done;
+            }
+        }
+        if (parse_grads(c, o_grads, N, attn_total, n_pass, grads)) goto done;
+        PyArrayObject *ma = (PyArrayObject *)o_metric;
+        if (!o_metric || !PyArray_Check(o_metric) || PyArray_TYPE(ma) != NPY_FLOAT64 || !PyArray_IS_C_CONTIGUOUS(ma) ||
+            !PyArray_ISWRITEABLE(ma) || PyArray_SIZE(ma) != n_seeds) {
+            PyErr_Format(PyExc_ValueError, "backward() needs metric: a writeable float64 array of %lld", (long long)n_seeds);
+            goto done;
+        }
+        metric = PyArray_DATA(ma);
+    }
     char err[256] = "";
     int rc;
     Py_BEGIN_ALLOW_THREADS
     int hold;
     Pool *pool = acquire_pool(self, &hold);
-    rc = model_forward(&self->m, pool, &b, ids ? PyArray_DATA(ids) : NULL, resid ? PyArray_DATA(resid) : NULL,
-                       start_layer, end_layer, patches, np, blocks, nb, &cap, err, sizeof err);
+    if (backward)
+        rc = model_backward(&self->m, pool, &b, PyArray_DATA(ids), patches, np, blocks, nb, seeds, n_seeds, &cap, grads,
+                            n_pass, metric, err, sizeof err);
+    else
+        rc = model_forward(&self->m, pool, &b, ids ? PyArray_DATA(ids) : NULL, resid ? PyArray_DATA(resid) : NULL,
+                           start_layer, end_layer, patches, np, blocks, nb, &cap, err, sizeof err);
     release_pool(self, pool, hold);
     Py_END_ALLOW_THREADS
     if (rc) {
@@ -636,9 +770,14 @@ done:
     Py_XDECREF(lens); Py_XDECREF(starts); Py_XDECREF(ids); Py_XDECREF(resid); Py_XDECREF(pk); Py_XDECREF(pv);
     Py_XDECREF(prow);
     Py_XDECREF(blk); Py_XDECREF(lrows); Py_XDECREF(targets); Py_XDECREF(pin);
-    free(zero_starts); free(pkp); free(pvp); free(patches); free(blocks);
+    free(zero_starts); free(pkp); free(pvp); free(patches); free(blocks); free(seeds); free(grads);
+    Py_XDECREF(drop);
     return result;
 }
+
+static PyObject *Model_forward(PyModel *self, PyObject *args, PyObject *kw) { return run_call(self, args, kw, 0); }
+
+static PyObject *Model_backward(PyModel *self, PyObject *args, PyObject *kw) { return run_call(self, args, kw, 1); }
 
 static PyObject *Model_set_threads(PyModel *self, PyObject *args) {
     int n;
@@ -661,6 +800,14 @@ static PyMethodDef Model_methods[] = {
      "        prefix_rows=None, patch_site=None, patch_layer=None, patch_row=None, patch_op=None, patch_value=None,\n"
      "        blocks=None, capture=None, logit_rows=None, end_layer=n_layers, logit_targets=None)\n"
      "Low-level batched forward pass writing into the preallocated float32 arrays of `capture`. Use factrace.Model.run."},
+    {"backward", (PyCFunction)(void (*)(void))Model_backward, METH_VARARGS | METH_KEYWORDS,
+     "backward(seq_lens, ids, seed_row, seed_kind, seed_tok, seed_weight, metric, grads={}, capture=None,\n"
+     "         drop_layers=None, patch_*=..., blocks=None)\n"
+     "One forward pass of whole sequences (patches and edge blocks as forward) and, per entry of drop_layers\n"
+     "(default [-1]), one backward pass of M = sum_i seed_weight[i] * metric_i (seed_kind: METRIC_*, at batch row\n"
+     "seed_row[i], tokens seed_tok[i]) into the float32 arrays of `grads` (site -> n_pass x the capture's size;\n"
+     "sites as forward's captures plus q_in, k_in, v_in, mlp_in). metric (n_seeds,) float64 receives each metric_i.\n"
+     "Use factrace.gradients."},
     {NULL, NULL, 0, NULL}};
 
 static PyTypeObject ModelType = {
@@ -847,7 +994,8 @@ PyMODINIT_FUNC PyInit__core(void) {
         {"SITE_RESID_POST", SITE_RESID_POST}, {"SITE_RESID_PRE", SITE_RESID_PRE}, {"SITE_RESID_MID", SITE_RESID_MID},
         {"SITE_Q", SITE_Q}, {"SITE_K", SITE_K}, {"SITE_V", SITE_V}, {"SITE_Z", SITE_Z}, {"SITE_ATTN", SITE_ATTN},
         {"SITE_MLP_POST", SITE_MLP_POST}, {"OP_SET", OP_SET}, {"OP_ADD", OP_ADD}, {"OP_ZERO", OP_ZERO},
-        {"OP_MUL", OP_MUL}, {"OP_PROJECT", OP_PROJECT}};
+        {"OP_MUL", OP_MUL}, {"OP_PROJECT", OP_PROJECT}, {"METRIC_LOGIT", METRIC_LOGIT},
+        {"METRIC_LOGPROB", METRIC_LOGPROB}, {"METRIC_PROB", METRIC_PROB}, {"METRIC_LOGIT_DIFF", METRIC_LOGIT_DIFF}};
     int bad = PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0 ||
               PyModule_AddStringConstant(m, "BLAS", FACTRACE_BLAS_NAME) < 0;
     for (size_t i = 0; !bad && i < sizeof consts / sizeof consts[0]; i++)

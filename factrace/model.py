@@ -15,7 +15,7 @@ from .io.stored import StoredWeight, as_float32, concat
 
 ALL_CAPTURES = ("embed", "resid_pre", "resid_mid", "attn_out", "mlp_out", "head_out", "attn", "z",
                 "resid_final", "final_scale")
-CAPTURE_NAMES = ALL_CAPTURES + ("q", "k", "v", "mlp_post", "k_cache", "v_cache", "norm_scale_attn")
+CAPTURE_NAMES = ALL_CAPTURES + ("q", "k", "v", "mlp_post", "k_cache", "v_cache", "norm_scale_attn", "q_cache")
 
 
 @dataclass
@@ -32,7 +32,8 @@ class RunResult:
     of W_O; before factrace 0.2 this was (L, T, H*dh): ``z.reshape(L, T, -1)`` gives that);
     on request (``capture=[...]``): ``q`` (L, T, H, dh), ``k`` / ``v`` (L, T, KV, dh) (q and k before q/k
     norm and rotary), ``mlp_post`` (L, T, F) the MLP's hidden activations (the input of W_down),
-    ``k_cache`` / ``v_cache`` (L, T, KV*dh) keys after norm and rotary, and values;
+    ``k_cache`` / ``v_cache`` (L, T, KV*dh) keys after norm and rotary, and values; ``q_cache`` (L, T, H*dh)
+    queries after norm and rotary;
     ``resid_final`` (T, d) after the last block, before the final norm; ``final_scale`` (T,) the final
     norm's 1/sqrt(var + eps) per position.
 
@@ -59,6 +60,7 @@ class RunResult:
     final_scale: np.ndarray | None = None
     k_cache: np.ndarray | None = None
     v_cache: np.ndarray | None = None
+    q_cache: np.ndarray | None = None
     norm_scale_attn: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
 
@@ -276,7 +278,7 @@ class Model:
             ids: token ids (T,), a str (encoded with special tokens), or a list of sequences / strs.
             capture: False, True (every field of :class:`RunResult` except the K/V caches), or a list of
                 names from ``embed, resid_pre, resid_mid, attn_out, mlp_out, head_out, attn, z, q, k, v,
-                mlp_post, resid_final, final_scale, k_cache, v_cache, norm_scale_attn`` (``resid_post``
+                mlp_post, resid_final, final_scale, k_cache, v_cache, norm_scale_attn, q_cache`` (``resid_post``
                 captures resid_pre and resid_final, of which it is a view). A parallel-residual model
                 (``config.parallel``: GPT-NeoX / Pythia, GPT-J) has no ``resid_mid``: ``capture=True`` leaves
                 it out and asking for it raises :class:`~factrace.InputError` (its equivalent for the MLP is
@@ -316,7 +318,7 @@ class Model:
                   "mlp_out": (L, N, d), "head_out": (L, H, N, d), "attn": (L, H, int((lens.astype(np.int64) ** 2).sum())),
                   "z": (L, N, H * c.d_head), "q": (L, N, H * c.d_head), "k": (L, N, kvd), "v": (L, N, kvd),
                   "mlp_post": (L, N, c.d_mlp), "resid_final": (N, d), "k_cache": (L, N, kvd), "v_cache": (L, N, kvd),
-                  "norm_scale_attn": (L, N)}
+                  "norm_scale_attn": (L, N), "q_cache": (L, N, H * c.d_head)}
         cap = {n: np.empty(shapes[n], np.float32) for n in names if n in shapes}
         row0 = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
         kw = {}

@@ -297,7 +297,6 @@ def activation_patching(m, clean, corrupted, site: str = "resid_pre", metric="lo
         raise ValueError("engine must be 'fast' or 'naive'")
     if site == "resid_mid" and m.config.parallel:
         raise ValueError(f"{m.name}: parallel-residual blocks have no resid_mid; patch attn_out or resid_pre")
-    c = m.config
     cid, kid = _pair_ids(m, clean, corrupted)
     T = len(cid)
     base_ids, src_ids = (kid, cid) if direction == "denoise" else (cid, kid)

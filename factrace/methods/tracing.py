@@ -544,7 +544,8 @@ def _positions(positions, T: int, span) -> list:
 
 def trace(m: Model, prompt, subject, kind: str = "hidden", window: int = 10, samples: int = 10, noise="s3",
           seed: int = 1, target=None, engine: str = "fast", add_special_tokens: bool | None = None,
-          noise_subjects=None, positions=None, replace: bool = False, reference=None, noise_texts=None) -> TraceResult:
+          noise_subjects=None, positions=None, replace: bool = False, reference=None, noise_texts=None,
+          verify_top=None) -> TraceResult:
     """Causal trace of one fact (ROME): restore each (token, layer) state of a corrupted run.
 
     Args:
@@ -565,7 +566,10 @@ def trace(m: Model, prompt, subject, kind: str = "hidden", window: int = 10, sam
         seed: seed of ``numpy.random.RandomState(seed)``, default 1; its one draw (samples, e - b, d) serves
             every cell and ``low_score``, so a trace is deterministic.
         target: answer token id; default: the clean run's argmax next token.
-        engine: ``"fast"`` (default) or ``"naive"`` (every cell a full forward pass; for tests).
+        engine: ``"fast"`` (default), ``"naive"`` (every cell a full forward pass; for tests) or ``"atp"``
+            (every cell estimated from one backward pass of the corrupted runs, attribution patching:
+            see :func:`factrace.methods.attribution_patching.atp_trace`; ``verify_top=k`` then runs the exact
+            engine on the k most promising cells; ``extra`` holds the estimates).
         add_special_tokens: tokenize a str prompt with the model's special tokens; default (None): the
             preset's (True for ``None`` and ``"rome"``, False for ``"caarm"``).
         positions: the rows of the grid to compute: None (default, every token: ROME's heatmaps and six
@@ -599,7 +603,7 @@ def trace(m: Model, prompt, subject, kind: str = "hidden", window: int = 10, sam
     return trace_all(m, prompt, subject, kinds=(kind,), window=window, samples=samples, noise=noise, seed=seed,
                      target=target, engine=engine, add_special_tokens=add_special_tokens,
                      noise_subjects=noise_subjects, positions=positions, replace=replace, reference=reference,
-                     noise_texts=noise_texts)[kind]
+                     noise_texts=noise_texts, verify_top=verify_top)[kind]
 
 
 def _result(m, tr: "_Tracer", kind, window, engine, text, reference=None, positions=None) -> TraceResult:
@@ -619,13 +623,13 @@ def _result(m, tr: "_Tracer", kind, window, engine, text, reference=None, positi
 
 def trace_all(m: Model, prompt, subject, kinds=KINDS, window: int = 10, samples: int = 10, noise="s3", seed: int = 1,
               target=None, engine: str = "fast", add_special_tokens: bool | None = None, noise_subjects=None,
-              positions=None, replace: bool = False, reference=None, noise_texts=None) -> dict:
+              positions=None, replace: bool = False, reference=None, noise_texts=None, verify_top=None) -> dict:
     """Every kind of :func:`trace` for one fact, sharing the clean and corrupted runs.
 
     Arguments, defaults and presets (``reference=``) as :func:`trace` (``kinds`` a subset of ("hidden",
-    "mlp", "attn"); ``positions`` the rows computed, e.g. ``"last_subject"``). Returns {kind: TraceResult},
-    each with ``scores`` (T, L), and the same numbers as separate :func:`trace` calls with the same seed.
-    This is the fast way to get the three ROME heatmaps of a fact.
+    "mlp", "attn"); ``positions`` the rows computed, e.g. ``"last_subject"``; ``engine="atp"`` with
+    ``verify_top``). Returns {kind: TraceResult}, each with ``scores`` (T, L), and the same numbers as separate
+    :func:`trace` calls with the same seed. This is the fast way to get the three ROME heatmaps of a fact.
 
     Example:
         >>> res = factrace.trace_all(m, "The Eiffel Tower is located in the city of",
@@ -638,8 +642,14 @@ def trace_all(m: Model, prompt, subject, kinds=KINDS, window: int = 10, samples:
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
+    if engine == "atp":
+        from .attribution_patching import atp_trace
+
+        return atp_trace(m, prompt, subject, kinds, window, samples, noise, seed, target, add_special_tokens,
+                         noise_subjects, positions, verify_top, replace=replace, reference=reference,
+                         noise_texts=noise_texts)
     if engine not in ("fast", "naive"):
-        raise ValueError("engine must be 'fast' or 'naive'")
+        raise ValueError("engine must be 'fast', 'naive' or 'atp'")
     if samples < 1 or window < 1:
         raise ValueError("samples and window must be >= 1")
     ids, span, text = _prepare(m, prompt, subject, add_special_tokens, reference)
