@@ -115,7 +115,8 @@ def part_speed(names, threads, repeat):
             rows.append([name, label, f"{f * 1e3:.1f}", f"{g * 1e3:.1f}", f"{g / f:.2f}",
                          f"{(g - tape) * 1e3:.1f}", f"{(g - tape) / f:.2f}",
                          "-" if tt is None else f"{tt * 1e3:.1f}", "-" if tt is None else f"{tt / g:.2f}"])
-        fm = tm = keep = None  # free this model before loading the next
+        fm = tm = None  # free this model before loading the next
+        del keep
     print_table(rows, ["model", "batch", "forward ms", "grad ms", "grad/fwd", "backward ms", "bwd/fwd",
                        "torch ms", "torch/grad"])
     print("grad = factrace.gradients (tape forward + backward); backward = grad - the tape forward alone")
