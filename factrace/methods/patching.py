@@ -284,8 +284,8 @@ def activation_patching(m, clean, corrupted, site: str = "resid_pre", metric="lo
 
     Example:
         >>> r = factrace.activation_patching(m, "Fact: The Colosseum is in the country of",
-        ...                                  "Fact: The Louvre is in the country of",
-        ...                                  answer=" Italy", foil=" France")             # doctest: +SKIP
+        ...                                  "Fact: The Eiffel Tower is in the country of",
+        ...                                  answer=" Italy", foil=" France")      # doctest: +SKIP
         >>> r.scores.shape, r.scores[:, -1].max()                                         # doctest: +SKIP
         ((30, 11), 1.0)
     """
