@@ -53,7 +53,7 @@ def gguf_models(name: str):
     from factrace.io import packaged
 
     path = packaged.resolve(name)
-    tm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32).eval()
+    tm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     return factrace.load(name), tm
 
 
