@@ -8,7 +8,8 @@ stop=[])`` (no stop token: exactly N tokens), transformers ``generate(ids, do_sa
 max_new_tokens=N)`` with its KV cache, the end-of-sequence token disabled (inference mode).
 
 Models (``--models``): ``gpt2``: GPT-2-small shape with random weights (``gpt2_small_pair``; a prompt of
-random token ids); ``smollm2``: the packaged SmolLM2-135M GGUF (factrace keeps the quantized blocks, torch
+random token ids); ``gpt2-bf16`` (not in the default list): the same weights saved in bfloat16, which
+factrace keeps as bf16 (half the bytes streamed per token) while torch computes in float32; ``smollm2``: the packaged SmolLM2-135M GGUF (factrace keeps the quantized blocks, torch
 is transformers loading the same file dequantized to float32), prompt "The Eiffel Tower is located in the
 city of".
 
@@ -60,7 +61,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3, help="timed runs (best is reported)")
     ap.add_argument("--new", type=int, default=64, help="new tokens per generation")
     ap.add_argument("--tokens", type=int, default=16, help="prompt length of the GPT-2-small case (random ids)")
-    ap.add_argument("--models", nargs="*", default=["gpt2", "smollm2"], choices=["gpt2", "smollm2"])
+    ap.add_argument("--models", nargs="*", default=["gpt2", "smollm2"], choices=["gpt2", "gpt2-bf16", "smollm2"])
     ap.add_argument("--quick", action="store_true", help="8 new tokens, one timed run: checks that it works")
     args = ap.parse_args(argv)
 
@@ -81,8 +82,8 @@ def main(argv=None):
     rows = []
     for name in args.models:
         tmp = None
-        if name == "gpt2":
-            fm, tm, tmp = gpt2_small_pair()
+        if name.startswith("gpt2"):
+            fm, tm, tmp = gpt2_small_pair(dtype="bfloat16" if name == "gpt2-bf16" else "float32")
             ids = rng.integers(0, fm.config.vocab_size, args.tokens).astype(np.int32)
         elif not packaged.is_installed(name):
             print(f"{name}: not installed, skipped")
@@ -108,7 +109,7 @@ def main(argv=None):
             same = f"no (first differs at new token {k}; lengths {len(a)} / {len(b)})"
         f_tps, t_tps = n / ft["best"], n / tt["best"]
         rows.append([name, f"{len(ids)} + {n}", f"{f_tps:.1f}", f"{t_tps:.1f}", f"{f_tps / t_tps:.2f}x", same])
-        if name != "gpt2" and fm.tokenizer is not None:
+        if not name.startswith("gpt2") and fm.tokenizer is not None:
             print(f"{name}: factrace text {fm.decode(a)!r}")
         fm = tm = None  # free each model before the next
         if tmp is not None:
