@@ -2,6 +2,7 @@
 
 Examples:
   factrace run   --model smollm2 --prompt "The Eiffel Tower is located in the city of"
+  factrace run   --model smollm2 --prompt "The Eiffel Tower is located in the city of" --generate 20
   factrace trace --model smollm2 --prompt "The Eiffel Tower is located in the city of" \\
                  --subject "The Eiffel Tower" --out out/
   factrace dla   --model smollm2 --prompt "Fact: The Colosseum is in the country of" --subject "The Colosseum"
@@ -61,6 +62,15 @@ def cmd_run(a):
         np.savez_compressed(out / "run.npz", ids=ids, logits=r.logits, resid_pre=r.resid_pre, attn_out=r.attn_out,
                             mlp_out=r.mlp_out, resid_final=r.resid_final)
         print(f"wrote {out / 'run.npz'}")
+    if a.generate:
+        sample = bool(a.temperature) or a.top_k is not None or a.top_p is not None
+        g = m.generate(ids, max_new_tokens=a.generate, do_sample=sample,
+                       temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+        how = (f"sampled: temperature {a.temperature or 1.0}, top-k {a.top_k}, top-p {a.top_p}, seed {a.seed}"
+               if sample else "greedy")
+        print(f"generated {len(g.new_ids)} tokens ({how}; stopped: {g.stopped}):")
+        print(f"  ids:  {g.new_ids.tolist()}")
+        print(f"  text: {g.text!r}")
 
 
 def cmd_trace(a):
@@ -156,6 +166,11 @@ def build_parser():
                        epilog='example: factrace run --model smollm2 --prompt "The capital of Japan is"')
     common(r)
     r.add_argument("--top", type=int, default=5)
+    r.add_argument("--generate", type=int, default=0, metavar="N", help="then generate N tokens (greedy by default)")
+    r.add_argument("--temperature", type=float, default=0.0, help="with --generate: sample at this temperature (0: greedy)")
+    r.add_argument("--top-k", type=int, default=None, help="with --generate: sample from the k most likely tokens")
+    r.add_argument("--top-p", type=float, default=None, help="with --generate: nucleus sampling (smallest set of mass p)")
+    r.add_argument("--seed", type=int, default=None, help="with --generate: seed of the sampler")
     r.set_defaults(fn=cmd_run)
 
     t = sub.add_parser("trace", parents=[debug], help="causal trace (hidden, mlp, attn) of a fact",

@@ -24,6 +24,20 @@ def test_run(tmp_path, capsys, model):
     assert (tmp_path / "run.npz").exists()
 
 
+@pytest.mark.parametrize("extra, kw", [([], {}),
+                                       (["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3"],
+                                        dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=3))])
+def test_run_generate(capsys, extra, kw):
+    """`run --generate N` prints the ids and text that Model.generate gives (greedy, or seeded sampling)."""
+    assert cli.main(["run", "--model", MODEL, "--prompt", PROMPT, "--generate", "6"] + extra) == 0
+    out = capsys.readouterr().out
+    m = factrace.load(MODEL)
+    g = m.generate(m.encode(PROMPT), max_new_tokens=6, **kw)
+    assert f"generated {len(g.new_ids)} tokens" in out
+    assert f"  ids:  {g.new_ids.tolist()}" in out.splitlines()
+    assert f"  text: {g.text!r}" in out.splitlines()
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_trace(tmp_path, capsys, model):
     rc = cli.main(["trace", "--model", model, "--prompt", PROMPT, "--subject", "brown fox", "--samples", "2",
