@@ -46,7 +46,7 @@ _LAZY = {
     "mechanism_ablation": "methods.mechanisms", "MechanismAblation": "methods.mechanisms",
     "gradients": "methods.gradients", "Gradients": "methods.gradients",
     "attribution_patching": "methods.attribution_patching", "AtPResult": "methods.attribution_patching",
-    "edge_attribution": "methods.attribution_patching", "EdgeResult": "methods.attribution_patching",
+    "edge_attribution": "methods.edge_attribution", "EdgeResult": "methods.edge_attribution",
     "trace_dataset": "study.dataset_trace", "known_facts": "study.dataset_trace",
     "DatasetTrace": "study.dataset_trace",
     "run_report": "study.report", "StudySettings": "study.settings",

@@ -39,6 +39,6 @@ def test_notebook_runs(path, monkeypatch):
 
 
 def test_notebooks_are_valid():
-    assert {"quickstart", "causal_tracing", "cross_architecture"} <= {p.stem for p in NOTEBOOKS}
+    assert {"quickstart", "causal_tracing", "cross_architecture", "attribution", "mechanisms"} <= {p.stem for p in NOTEBOOKS}
     for p in NOTEBOOKS:
         nbformat.validate(nbformat.read(p, as_version=4))
