@@ -28,7 +28,7 @@ from .io.load import load  # noqa: E402
 from .model import Model, RunResult, get_num_threads, set_num_threads  # noqa: E402
 
 BLAS = _core.BLAS
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> module that defines it (imported on first use: keeps `import factrace` light)
 _LAZY = {
