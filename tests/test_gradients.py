@@ -173,7 +173,8 @@ def test_batch_equals_single_and_reduce_mean():
         assert np.isclose(g1.metric, gb.values[i])
         for site in sites:
             _close(gb.grads[site][i], g1[site], site, 1e-6)
-            _close(gm.grads[site][i] * 3, g1[site], site, 1e-6)
+            # the mean's seed is 1/3 (rounded): the products differ from the sum's by float rounding only
+            _close(gm.grads[site][i] * 3, g1[site], site, 1e-5)
 
 
 def test_graddrop_passes():
