@@ -98,7 +98,8 @@ def llama7b_q4k(path: Path) -> Path:
         if t is None:
             w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * shape[0])
         else:
-            w.add_tensor_info(name, shape, np.dtype(np.uint8), shape[0] * shape[1] // bs * ts, raw_dtype=t)
+            byte_shape = (shape[0], shape[1] // bs * ts)  # gguf-py takes a quantized tensor's shape in bytes
+            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), byte_shape[0] * byte_shape[1], raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
