@@ -238,7 +238,9 @@ def main():
     ap.add_argument("--parts", nargs="+", default=["speed", "atp", "trace"])
     ap.add_argument("--models", nargs="+", default=["gpt2-small", *REAL])
     ap.add_argument("--facts", type=int, default=20)
-    ap.add_argument("--data", default=os.environ.get("FACTRACE_SHARED_DATA", None))
+    shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+    ap.add_argument("--data", default=os.environ.get("FACTRACE_SHARED_DATA") or (shared if os.path.isdir(shared) else None),
+                    help="folder with known_1000.json (default: ../shared/data beside the checkout, else downloaded)")
     a = ap.parse_args()
     import factrace
     from factrace.io import packaged
