@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench, cpu_model, gpt2_small_pair, print_table, setup_threads  # noqa: E402
+from common import bench, cpu_model, gpt2_small_pair, print_table, setup_threads, sgemm_gflops  # noqa: E402
 
 REAL = ("smollm2", "gemma3-270m", "qwen2.5-coder-0.5b")
 
@@ -248,7 +248,8 @@ def main():
     n = setup_threads(a.threads)
     names = [x for x in a.models if x == "gpt2-small" or packaged.is_installed(x)]
     print(f"CPU: {cpu_model()}; threads: {n}; factrace BLAS: {factrace.BLAS}; load average: "
-          f"{os.getloadavg()[0]:.1f}")
+          f"{os.getloadavg()[0]:.1f}; OpenBLAS sgemm 512x3072x768 on {n} threads: "
+          f"{sgemm_gflops(512, 3072, 768, n):.1f} GFLOP/s (this run)")
     if "speed" in a.parts:
         part_speed(names, n, a.repeat)
     if "atp" in a.parts:
