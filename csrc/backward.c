@@ -28,19 +28,6 @@
 /* ------------------------------------------------------------------------------------------ */
 /* elementwise pieces                                                                            */
 
-typedef struct { float *x; const float *y; } AddLoop;
-
-static void add_range(void *ctx, int64_t lo, int64_t hi, int tid) {
-    AddLoop *a = ctx;
-    for (int64_t i = lo; i < hi; i++) a->x[i] += a->y[i];
-}
-
-/* x (n,) += y (n,) */
-static void add_into(Pool *pool, float *x, const float *y, int64_t n) {
-    AddLoop a = {x, y};
-    pool_for(pool, n, ft_grain(pool, n, 1), add_range, &a);
-}
-
 /* dx (d,) (+)= the gradient w.r.t. the input x (d,) of one norm row given dout (d,) (see forward.c norm_row):
  * y = (x - mean) rs (LayerNorm) or x rs (RMSNorm), out = w y (+ b); dy = w dout;
  * LayerNorm: dx = rs (dy - mean(dy) - y mean(dy y)); RMSNorm: dx = rs (dy - y mean(dy y)). accumulate: add
@@ -424,7 +411,7 @@ static void project_back(Pool *pool, int *oom, float *out, float *tmp, const flo
         return;
     }
     if (mat_mul_t(pool, tmp, g, N, W)) *oom = 1;
-    add_into(pool, out, tmp, N * W->n_in);
+    ft_add_into(pool, out, tmp, N * W->n_in);
 }
 
 /* A Mat of rows r0 .. r0+n-1 of W (any storage type: rows are independent) */
@@ -585,7 +572,7 @@ int model_backward(const Model *m, Pool *pool, const Batch *b, const int32_t *id
             norm_back_rows(pool, s.gin, d, x_mlp, d, s.h, d, N, d, lw->ln2_w, c->norm_eps, c->norm, 0);
             copy_to(G->mlp_in ? G->mlp_in + off * d : NULL, s.gin, N * d);
             if (!c->parallel) {
-                add_into(pool, g, s.gin, N * d);
+                ft_add_into(pool, g, s.gin, N * d);
                 copy_to(G->resid_mid ? G->resid_mid + off * d : NULL, g, N * d);
                 unpatch(g, d, SITE_RESID_MID, l, patches, n_patches);
             }
@@ -656,7 +643,7 @@ int model_backward(const Model *m, Pool *pool, const Batch *b, const int32_t *id
                 project_back(pool, &oom, s.h, s.tmp, s.gv, N, &lw->W_V, 1);
             }
             norm_back_rows(pool, g, d, x_pre, d, s.h, d, N, d, lw->ln1_w, c->norm_eps, c->norm, 1);
-            if (c->parallel) add_into(pool, g, s.gin, N * d);
+            if (c->parallel) ft_add_into(pool, g, s.gin, N * d);
             copy_to(G->resid_pre ? G->resid_pre + off * d : NULL, g, N * d);
             unpatch(g, d, SITE_RESID_PRE, l, patches, n_patches);
             if (oom) FAIL("out of memory in the matrix products of layer %d's backward", l);

@@ -192,6 +192,8 @@ int model_backward(const Model *m, Pool *pool, const Batch *b, const int32_t *id
 
 /* forward.c helpers shared with backward.c */
 int64_t ft_grain(const Pool *pool, int64_t n, int64_t per_item);
+/* x (n,) += y (n,) on the pool (forward.c; the backward pass shares it) */
+void ft_add_into(Pool *pool, float *x, const float *y, int64_t n);
 float ft_norm_row(float *out, const float *x, int d, const float *w, const float *b, float eps, int kind);
 int ft_softmax_row(float *s, int P, int lo, int pos, const unsigned char *bl, const Config *c);
 

@@ -972,6 +972,7 @@ done:
 /* helpers shared with backward.c (the same arithmetic as the forward's)                         */
 
 int64_t ft_grain(const Pool *pool, int64_t n, int64_t per_item) { return grain_of(pool, n, per_item); }
+void ft_add_into(Pool *pool, float *x, const float *y, int64_t n) { add_into(pool, x, y, n); }
 
 float ft_norm_row(float *out, const float *x, int d, const float *w, const float *b, float eps, int kind) {
     return norm_row(out, x, d, w, b, eps, kind);

@@ -194,13 +194,24 @@ def freeze(site: str, source, layers=None, positions=None, seq=None, heads=None,
 def resample_ablate(site: str, source, layers=None, positions=None, seq=None, heads=None, neurons=None,
                     keys=None) -> Intervention:
     """Resample ablation: the site takes its values from a run of another prompt (``source``, a RunResult of
-    the same length). The same as :func:`freeze` with a run of a different input."""
+    the same length). The same as :func:`freeze` with a run of a different input.
+
+    Example:
+        >>> other = m.run(m.encode("Fact: The Eiffel Tower is in the country of"), capture=["z"])  # doctest: +SKIP
+        >>> m.run(ids, interventions=[resample_ablate("z", other, layers=[5], heads=[1])])          # doctest: +SKIP
+    """
     return freeze(site, source, layers, positions, seq, heads, neurons, keys)
 
 
 def site_mean(site: str, runs, per_position: bool = True) -> np.ndarray:
     """The mean of a site over reference runs (RunResults that captured it): per position ((L, T, ...) with
-    every run of the same length T), or over positions too ((L, 1, ...), any lengths)."""
+    every run of the same length T), or over positions too ((L, 1, ...), any lengths).
+
+    Example:
+        >>> runs = m.run([m.encode(p) for p in prompts], capture=["mlp_post"])     # doctest: +SKIP
+        >>> site_mean("mlp_post", runs, per_position=False).shape                  # doctest: +SKIP
+        (30, 1, 1536)
+    """
     site = _site(site)
     arrs = [getattr(r, site) for r in runs]
     if any(a is None for a in arrs):

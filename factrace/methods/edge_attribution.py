@@ -11,6 +11,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -105,7 +106,7 @@ class EdgeResult:
         base_ids, pos, metric = ctx["base_ids"], ctx["position"], self.metric
         for i0 in range(0, len(ivs_all), 32):
             chunk = ivs_all[i0:i0 + 32]
-            flat = [dataclasses_replace(x, seq=s) for s, ivs in enumerate(chunk) for x in ivs]
+            flat = [dataclasses.replace(x, seq=s) for s, ivs in enumerate(chunk) for x in ivs]
             rs = m.run([base_ids] * len(chunk), interventions=flat, logits="all")
             exact += [metric_value(r.logits[pos], metric) - ctx["base_metric"] for r in rs]
         table = pd.DataFrame({"sender": [self.senders[i] for _, i, _ in cand],
@@ -115,12 +116,6 @@ class EdgeResult:
         return VerifyResult(table, spearman(est, ex), {}, topk_overlap(est, ex, max(1, len(ex) // 2)),
                             float(np.mean(np.sign(est) == np.sign(ex))) if len(ex) else float("nan"),
                             time.perf_counter() - t0)
-
-
-def dataclasses_replace(x, **kw):
-    import dataclasses
-
-    return dataclasses.replace(x, **kw)
 
 
 def edge_attribution(m: Model, clean, corrupted, metric="logit_diff", answer=None, foil=None, ig_steps=None,
